@@ -1,0 +1,1 @@
+"""The zarr activation cache: layout, key, commit protocol, lock, verify and reader."""

@@ -1,0 +1,324 @@
+"""The on-disk activation cache: one zarr v3 group per harvest spec.
+
+    <cache>/zarr.json             group; attrs["sae_cache"] holds the metadata (format in README.md)
+    <cache>/tokens                int32 [n_contexts, ctx_len]        chunks of `chunk_contexts` contexts
+    <cache>/acts/<layer>          storage dtype [rows, d_model]      chunks of chunk_contexts * ctx_len rows
+    <cache>/chunk_stats/<layer>   float64 [n_chunks, 7 + d_model]    one row of sums per chunk
+    <cache>/writer.lock           present while a harvest writes
+
+Commit protocol: a chunk's arrays are written first (each chunk file atomically), then the metadata's
+`n_contexts` is advanced. Readers trust only `n_contexts`, so a writer killed at any instant leaves a
+valid cache whose uncommitted chunk files are simply rewritten on resume.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from sae.cache.codecs import STORAGE_DTYPES, compressors, from_storage, to_storage, zarr_dtype
+from sae.cache.spec import KEY_FIELDS, cache_key
+
+from sae.errors import UserError
+
+FORMAT = "sae-activation-cache"
+FORMAT_VERSION = 1
+META_KEY = "sae_cache"
+# Per-chunk sums kept in chunk_stats; "plain" rows exclude BOS tokens and the first position of each
+# context, whose norms are several times the rest in Llama-family models.
+STAT_COLUMNS = (
+    "rows",
+    "norm_sum",
+    "norm_sq_sum",
+    "norm_max",
+    "plain_rows",
+    "plain_norm_sum",
+    "plain_norm_sq_sum",
+)
+
+
+def acts_name(layer: int) -> str:
+    return f"acts/{layer}"
+
+
+def chunk_file(cache_path: Path, array_name: str, chunk_index: int) -> Path:
+    """Where zarr's default v3 chunk key encoding puts chunk (chunk_index, 0) of a 2-d array."""
+    return cache_path.joinpath(array_name, "c", str(chunk_index), "0")
+
+
+def is_cache(path: Path) -> bool:
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, json.JSONDecodeError):
+        return False
+    return attrs.get(META_KEY, {}).get("format") == FORMAT
+
+
+@dataclass
+class Cache:
+    """A read-only view of the rows committed when it was opened."""
+
+    path: Path
+    meta: dict[str, Any]
+    group: zarr.Group
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.meta["spec"]
+
+    @property
+    def layers(self) -> list[int]:
+        return self.spec["layers"]
+
+    @property
+    def d_model(self) -> int:
+        return self.meta["d_model"]
+
+    @property
+    def ctx_len(self) -> int:
+        return self.spec["ctx_len"]
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.spec["dtype"]
+
+    @property
+    def n_contexts(self) -> int:
+        return self.meta["n_contexts"]
+
+    @property
+    def rows(self) -> int:
+        return self.n_contexts * self.ctx_len
+
+    @property
+    def chunk_contexts(self) -> int:
+        return self.meta["storage"]["chunk_contexts"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.chunk_contexts * self.ctx_len
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_contexts // self.chunk_contexts)
+
+    def contexts_in_chunk(self, chunk_index: int) -> int:
+        assert 0 <= chunk_index < self.n_chunks, f"chunk {chunk_index} not in [0, {self.n_chunks})"
+        return min(self.chunk_contexts, self.n_contexts - chunk_index * self.chunk_contexts)
+
+    def _read(self, array_name: str, chunk_index: int, start: int, stop: int) -> np.ndarray:
+        path = chunk_file(self.path, array_name, chunk_index)
+        if not path.exists():
+            raise UserError(f"missing chunk {path}: the cache is damaged; run `sae cache verify {self.path}`")
+        try:
+            return self.group[array_name][start:stop]
+        except ValueError as e:  # zarr reports a checksum or decode failure as ValueError
+            raise UserError(f"corrupt chunk {path}: {e}") from None
+
+    def read_tokens(self, chunk_index: int) -> np.ndarray:
+        """int32 [contexts_in_chunk, ctx_len]."""
+        start = chunk_index * self.chunk_contexts
+        return self._read("tokens", chunk_index, start, start + self.contexts_in_chunk(chunk_index))
+
+    def read_acts(self, layer: int, chunk_index: int) -> torch.Tensor:
+        """[rows_in_chunk, d_model] CPU tensor in the storage dtype; row r is context r // ctx_len."""
+        start = chunk_index * self.chunk_rows
+        stop = start + self.contexts_in_chunk(chunk_index) * self.ctx_len
+        return from_storage(self._read(acts_name(layer), chunk_index, start, stop), self.storage_dtype)
+
+    def stats(self, layer: int) -> dict[str, Any]:
+        """mean_D, mean_norm, mean_sq_norm, max_norm, count, and the same over plain rows (no BOS/first)."""
+        return self.meta["stats"][str(layer)]
+
+
+def open_cache(path: Path) -> Cache:
+    path = Path(path)
+    if not is_cache(path):
+        raise UserError(f"{path} is not an activation cache (no {FORMAT} metadata in {path / 'zarr.json'})")
+    group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+    return Cache(path=path, meta=group.attrs[META_KEY], group=group)
+
+
+def list_caches(cache_root: Path) -> list[Cache]:
+    if not cache_root.is_dir():
+        return []
+    return [open_cache(p) for p in sorted(cache_root.iterdir()) if is_cache(p)]
+
+
+def find_caches(cache_root: Path, declared: dict[str, Any]) -> list[Cache]:
+    """Caches whose spec agrees with every declared field (a spec without the resolved model revision)."""
+    return [c for c in list_caches(cache_root) if all(c.spec.get(k) == v for k, v in declared.items())]
+
+
+def summarize_chunk_stats(stats_CS: np.ndarray) -> dict[str, Any]:
+    """Totals over committed chunks: [n_chunks, len(STAT_COLUMNS) + d_model] float64 sums."""
+    totals = dict(zip(STAT_COLUMNS, stats_CS[:, : len(STAT_COLUMNS)].sum(0).tolist(), strict=True))
+    rows, plain_rows = max(totals["rows"], 1), max(totals["plain_rows"], 1)
+    return {
+        "count": int(totals["rows"]),
+        "mean_D": (stats_CS[:, len(STAT_COLUMNS) :].sum(0) / rows).tolist(),
+        "mean_norm": totals["norm_sum"] / rows,
+        "mean_sq_norm": totals["norm_sq_sum"] / rows,
+        "max_norm": float(stats_CS[:, STAT_COLUMNS.index("norm_max")].max(initial=0.0)),
+        "plain_count": int(totals["plain_rows"]),
+        "plain_mean_norm": totals["plain_norm_sum"] / plain_rows,
+        "plain_mean_sq_norm": totals["plain_norm_sq_sum"] / plain_rows,
+    }
+
+
+def chunk_stats(acts_RD: torch.Tensor, plain_R: torch.Tensor) -> np.ndarray:
+    """One row of STAT_COLUMNS followed by the per-dimension sum, in float64."""
+    acts_RD = acts_RD.double()
+    norms_R = acts_RD.norm(dim=1)
+    plain_norms = norms_R[plain_R]
+    head = [len(norms_R), norms_R.sum(), norms_R.square().sum(), norms_R.max()]
+    head += [len(plain_norms), plain_norms.sum(), plain_norms.square().sum()]
+    return torch.cat([torch.tensor([float(v) for v in head], dtype=torch.float64), acts_RD.sum(0)]).numpy()
+
+
+class CacheWriter:
+    """Writes chunks in order under the writer lock; `write_chunk` commits each one."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+        self.meta = group.attrs[META_KEY]
+
+    @property
+    def n_contexts(self) -> int:
+        return self.meta["n_contexts"]
+
+    @property
+    def resume(self) -> dict[str, Any]:
+        """{"chunk_index": first chunk not yet full, "stream": token-stream state at its start}."""
+        return self.meta["resume"]
+
+    def reserve(self, n_contexts: int) -> None:
+        """Grow the arrays to hold n_contexts (metadata only: no chunk is written)."""
+        chunk_contexts, ctx_len = self.meta["storage"]["chunk_contexts"], self.meta["spec"]["ctx_len"]
+        n_chunks = -(-n_contexts // chunk_contexts)
+        self.group["tokens"].resize((n_contexts, ctx_len))
+        for layer in self.meta["spec"]["layers"]:
+            self.group[acts_name(layer)].resize((n_contexts * ctx_len, self.meta["d_model"]))
+            stats = self.group[f"chunk_stats/{layer}"]
+            stats.resize((n_chunks, stats.shape[1]))
+
+    def write_chunk(
+        self, chunk_index: int, tokens_CT: np.ndarray, acts: dict[int, torch.Tensor], stream_after: dict
+    ) -> None:
+        """Write chunk `chunk_index` (tokens and every layer's [C*T, D] CPU acts), then commit it."""
+        meta, spec = self.meta, self.meta["spec"]
+        chunk_contexts, ctx_len = meta["storage"]["chunk_contexts"], spec["ctx_len"]
+        assert chunk_index == self.resume["chunk_index"], (
+            f"chunk {chunk_index} != {self.resume['chunk_index']}"
+        )
+        n_ctx = len(tokens_CT)
+        assert 0 < n_ctx <= chunk_contexts, f"{n_ctx} contexts do not fit a chunk of {chunk_contexts}"
+        ctx0, row0 = chunk_index * chunk_contexts, chunk_index * chunk_contexts * ctx_len
+        self.group["tokens"][ctx0 : ctx0 + n_ctx] = tokens_CT
+        plain_R = np.ones(tokens_CT.shape, dtype=bool)
+        plain_R[:, 0] = False
+        plain_R &= tokens_CT != spec["bos_token_id"]
+        plain_R = torch.from_numpy(plain_R.reshape(-1))
+        for layer, acts_RD in acts.items():
+            acts_RD = acts_RD.to(STORAGE_DTYPES[spec["dtype"]])
+            if not torch.isfinite(acts_RD).all():  # float16 overflows above 65504
+                raise UserError(
+                    f"non-finite activations (NaN/inf) at layer {layer} in contexts {ctx0}..{ctx0 + n_ctx - 1}"
+                    f" (in {spec['dtype']}); nothing from this chunk was committed; try --model-dtype float32"
+                    f" or --dtype float32"
+                )
+            self.group[acts_name(layer)][row0 : row0 + n_ctx * ctx_len] = to_storage(acts_RD, spec["dtype"])
+            self.group[f"chunk_stats/{layer}"][chunk_index] = chunk_stats(acts_RD, plain_R)
+        self._commit(chunk_index, ctx0 + n_ctx, stream_after, full=n_ctx == chunk_contexts)
+
+    def _commit(self, chunk_index: int, n_contexts: int, stream_after: dict, full: bool) -> None:
+        meta = dict(self.meta)
+        meta["n_contexts"] = n_contexts
+        meta["stream_end"] = stream_after  # evaluation holds out the documents after this point
+        if full:  # a partial last chunk is rewritten whole by the next extension, from its start
+            meta["resume"] = {"chunk_index": chunk_index + 1, "stream": stream_after}
+        n_chunks = -(-n_contexts // meta["storage"]["chunk_contexts"])
+        meta["stats"] = {
+            str(layer): summarize_chunk_stats(self.group[f"chunk_stats/{layer}"][:n_chunks])
+            for layer in meta["spec"]["layers"]
+        }
+        meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.group.attrs[META_KEY] = meta
+        self.meta = meta
+
+
+def _spec_differences(stored: dict, wanted: dict) -> list[str]:
+    return [
+        f"{k}: cache has {stored.get(k)!r}, asked {wanted.get(k)!r}"
+        for k in wanted
+        if stored.get(k) != wanted[k]
+    ]
+
+
+def open_writer(path: Path, spec: dict, storage: dict, d_model: int, provenance: dict) -> CacheWriter:
+    """Create the cache at path (cache_root / cache_dir_name(spec)), or reopen it to extend.
+
+    storage: {"codec": str, "chunk_contexts": int}; provenance: the harvest config and versions.
+    Call it holding writer_lock(path).
+    """
+    if is_cache(path):
+        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+        meta = group.attrs[META_KEY]
+        diffs = _spec_differences(meta["spec"], spec) + _spec_differences(meta["storage"], storage)
+        if meta["d_model"] != d_model:
+            diffs.append(f"d_model: cache has {meta['d_model']}, model has {d_model}")
+        if diffs:
+            raise UserError(f"spec mismatch extending {path}: {'; '.join(diffs)}")
+        return CacheWriter(path, group)
+    assert all(f in spec for f in KEY_FIELDS)
+    group = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
+    chunk_contexts, ctx_len = storage["chunk_contexts"], spec["ctx_len"]
+    array_config = {"write_empty_chunks": True}  # a missing chunk must mean damage, never "all zeros"
+    group.create_array(
+        "tokens", shape=(0, ctx_len), chunks=(chunk_contexts, ctx_len), dtype="int32",
+        compressors=compressors("zstd:3"), fill_value=-1, config=array_config,
+    )  # fmt: skip
+    for layer in spec["layers"]:
+        group.create_array(
+            acts_name(layer), shape=(0, d_model), chunks=(chunk_contexts * ctx_len, d_model),
+            dtype=zarr_dtype(spec["dtype"]), compressors=compressors(storage["codec"]), fill_value=0,
+            config=array_config,
+        )  # fmt: skip
+        group.create_array(
+            f"chunk_stats/{layer}", shape=(0, len(STAT_COLUMNS) + d_model), chunks=(1, len(STAT_COLUMNS) + d_model),
+            dtype="float64", compressors=compressors("none"), fill_value=0, config=array_config,
+        )  # fmt: skip
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    group.attrs[META_KEY] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "key": cache_key(spec),
+        "spec": spec,
+        "storage": storage,
+        "d_model": d_model,
+        "n_contexts": 0,
+        "resume": {"chunk_index": 0, "stream": {"doc": 0, "offset": 0}},
+        "stream_end": {"doc": 0, "offset": 0},
+        "stats": {},
+        "created": now,
+        "updated": now,
+        **provenance,
+    }
+    return CacheWriter(path, group)
+
+
+def default_cache_root(configured: Path | None) -> Path:
+    """The configured root (pipeline.toml or --cache-dir), else $SAE_CACHE_DIR, else ./caches."""
+    if configured is not None:
+        return Path(configured)
+    return Path(os.environ.get("SAE_CACHE_DIR", "caches"))

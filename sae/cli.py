@@ -1,0 +1,34 @@
+"""The `sae` command: thin wrappers that build each stage's config and call it."""
+
+import os
+import sys
+
+import click
+import typer
+
+from sae.cache.cli import cache_app
+from sae.errors import UserError
+from sae.harvest.cli import harvest_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+app.command("harvest")(harvest_command)
+app.add_typer(cache_app, name="cache")
+
+
+def main() -> None:
+    """Entry point: a UserError becomes one line on stderr and exit code 1 (SAE_DEBUG=1 shows the traceback)."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except UserError as e:
+        if os.environ.get("SAE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,116 @@
+"""pipeline.toml loading: one table per stage, checked against that stage's config dataclass.
+
+Precedence: dataclass defaults < pipeline.toml < CLI flags. A key the dataclass does not have is an
+error naming the key and the closest valid one, so a typo never silently falls back to a default.
+"""
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sae.errors import UserError
+
+T = TypeVar("T")
+DEFAULT_PIPELINE_TOML = Path("pipeline.toml")
+SECTIONS = ["harvest", "train", "sweep", "eval"]
+
+
+def read_pipeline_toml(path: Path | None) -> dict[str, Any]:
+    """The parsed pipeline.toml: the given path, else ./pipeline.toml if present, else {}."""
+    if path is None:
+        if not DEFAULT_PIPELINE_TOML.exists():
+            return {}
+        path = DEFAULT_PIPELINE_TOML
+    if not path.exists():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: {e}") from None
+    check_keys(table, SECTIONS, str(path))
+    return table
+
+
+def stage_config(cls: type[T], section: str, config_path: Path | None, overrides: dict[str, Any]) -> T:
+    """cls from the [section] table of pipeline.toml, overridden by CLI flags that were given."""
+    table = read_pipeline_toml(config_path).get(section, {})
+    return build_config(cls, table, overrides, f"[{section}] of {config_path or DEFAULT_PIPELINE_TOML}")
+
+
+def parse_ints(text: str | None) -> tuple[int, ...] | None:
+    """ "6,8,10" -> (6, 8, 10)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def parse_count(text: str | None) -> int | None:
+    """ "2e8", "1000000" or "1_000_000" -> an int."""
+    if text is None:
+        return None
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise UserError(f"expected a count like 1e6, got '{text}'") from None
+    if not value.is_integer() or value < 0:
+        raise UserError(f"expected a non-negative whole count, got '{text}'")
+    return int(value)
+
+
+def check_keys(table: dict[str, Any], valid: list[str], where: str) -> None:
+    for key in table:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise UserError(f"unknown key '{key}' in {where}{hint}")
+
+
+def build_config(cls: type[T], table: dict[str, Any], overrides: dict[str, Any], where: str) -> T:
+    """cls filled from table (a pipeline.toml section), then from overrides whose value is not None."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    check_keys(table, names, where)
+    values = {**table, **{k: v for k, v in overrides.items() if v is not None}}
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """TOML has no tuples and writes 1e9 as a float; accept what a person would naturally write."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, inner[0], name)
+    if origin is tuple and isinstance(value, list | tuple):
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(v, item, name) for v in value)
+    if hint is int and isinstance(value, float):
+        if not value.is_integer():
+            raise UserError(f"{name} must be an integer, got {value}")
+        return int(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    return value
+
+
+def to_jsonable(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON values (Paths as strings, tuples as lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}

@@ -1,0 +1,112 @@
+"""Harvest writes exactly what the model computes, resumes exactly, and extends exactly."""
+
+import numpy as np
+import pytest
+import torch
+from sae.cache.store import open_cache
+from sae.harvest.config import HarvestConfig
+from sae.harvest.harvest import harvest
+from transformers import AutoModelForCausalLM
+
+
+def small_config(model, dataset, cache_dir, **overrides) -> HarvestConfig:
+    values = dict(
+        model=str(model), dataset=str(dataset), layers=(1,), ctx_len=32, tokens=32 * 40, batch_contexts=8,
+        chunk_contexts=16, cache_dir=cache_dir, device="cpu",
+    )  # fmt: skip
+    return HarvestConfig(**{**values, **overrides})
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    cache = open_cache(path)
+    out = {"tokens": np.concatenate([cache.read_tokens(i) for i in range(cache.n_chunks)])}
+    for layer in cache.layers:
+        out[f"acts/{layer}"] = torch.cat([cache.read_acts(layer, i) for i in range(cache.n_chunks)]).numpy()
+    return out
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("site", ["resid_pre", "resid_post"])
+def test_stored_acts_equal_an_independent_forward(request, model_fixture, site, sample_parquet, tmp_path):
+    model_dir = request.getfixturevalue(model_fixture)
+    path = harvest(small_config(model_dir, sample_parquet, tmp_path, layers=(0, 1), site=site))
+    stored = arrays(path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        hidden = model(torch.from_numpy(stored["tokens"]).long(), output_hidden_states=True).hidden_states
+    for layer in (0, 1):
+        # hidden_states[L] is the input of block L; resid_post of block L is hidden_states[L + 1]
+        expected = hidden[layer if site == "resid_pre" else layer + 1].reshape(-1, 32)
+        got = torch.from_numpy(stored[f"acts/{layer}"]).float()
+        assert got.shape == (40 * 32, 32)
+        torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)  # float16 storage
+        assert not torch.equal(got, torch.zeros_like(got))
+
+
+def test_tokens_pack_documents_with_bos(tiny_gpt2, sample_parquet, tmp_path, tiny_tokenizer):
+    path = harvest(small_config(tiny_gpt2, sample_parquet, tmp_path))
+    tokens = arrays(path)["tokens"].reshape(-1)
+    docs = tiny_tokenizer(
+        __import__("datasets")
+        .load_dataset("parquet", data_files=str(sample_parquet), split="train")
+        .shuffle(seed=0)["text"][:5],
+        add_special_tokens=False,
+    )["input_ids"]
+    stream = np.concatenate([[0, *doc] for doc in docs])
+    n = min(len(stream), len(tokens))
+    np.testing.assert_array_equal(tokens[:n], stream[:n])
+
+
+def test_bos_per_context_packing_starts_every_context_with_bos(tiny_gpt2, sample_parquet, tmp_path):
+    path = harvest(small_config(tiny_gpt2, sample_parquet, tmp_path, packing="bos_per_context"))
+    tokens = arrays(path)["tokens"]
+    assert (tokens[:, 0] == 0).all()
+
+
+def test_extension_equals_one_longer_run(tiny_llama, sample_parquet, tmp_path):
+    # 40 contexts in chunks of 16: the first run ends in a partial chunk that the extension rewrites
+    harvest(small_config(tiny_llama, sample_parquet, tmp_path / "a", tokens=32 * 24))
+    extended = harvest(small_config(tiny_llama, sample_parquet, tmp_path / "a"))
+    whole = harvest(small_config(tiny_llama, sample_parquet, tmp_path / "b"))
+    assert extended.name == whole.name
+    a, b = arrays(extended), arrays(whole)
+    for name in b:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert open_cache(extended).meta["stats"] == open_cache(whole).meta["stats"]
+
+
+def test_fewer_tokens_does_nothing(tiny_gpt2, sample_parquet, tmp_path, capsys):
+    path = harvest(small_config(tiny_gpt2, sample_parquet, tmp_path))
+    before = (path / "zarr.json").read_text()
+    harvest(small_config(tiny_gpt2, sample_parquet, tmp_path, tokens=32 * 10))
+    assert (path / "zarr.json").read_text() == before
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_statistics_match_the_stored_rows(tiny_llama, sample_parquet, tmp_path):
+    path = harvest(small_config(tiny_llama, sample_parquet, tmp_path))
+    stored = arrays(path)
+    acts = stored["acts/1"].astype(np.float64)
+    norms = np.linalg.norm(acts, axis=1)
+    stats = open_cache(path).stats(1)
+    assert stats["count"] == len(acts) == 40 * 32
+    np.testing.assert_allclose(stats["mean_D"], acts.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats["mean_norm"], norms.mean(), rtol=1e-9)
+    np.testing.assert_allclose(stats["max_norm"], norms.max(), rtol=1e-9)
+    tokens = stored["tokens"]
+    plain = (tokens != 0).copy()
+    plain[:, 0] = False
+    np.testing.assert_allclose(stats["plain_mean_norm"], norms[plain.reshape(-1)].mean(), rtol=1e-9)
+    assert stats["plain_count"] == plain.sum() < len(acts)
+
+
+def test_dataset_exhausted_keeps_what_it_read(tiny_gpt2, tmp_path, sample_texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    small = tmp_path / "small.parquet"
+    pq.write_table(pa.table({"text": sample_texts[:2]}), small)
+    path = harvest(small_config(tiny_gpt2, small, tmp_path, tokens=10**6))
+    cache = open_cache(path)
+    assert 0 < cache.n_contexts < 10**6 // 32
+    assert cache.group["tokens"].shape[0] == cache.n_contexts
