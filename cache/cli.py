@@ -5,10 +5,10 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+
 from sae.cache.lock import unlock
 from sae.cache.store import default_cache_root, list_caches, open_cache
 from sae.cache.verify import cache_size_bytes, describe, verify
-
 from sae.errors import UserError
 from sae.progress import console, make_progress
 
@@ -38,9 +38,7 @@ def ls_command(
 
 
 @cache_app.command("info")
-def info_command(
-    path: Path, as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout.")
-):
+def info_command(path: Path, as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout.")):
     """Describe one cache (its spec, rows, arrays, statistics, versions)."""
     description = describe(open_cache(path))
     if as_json:

@@ -15,9 +15,7 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 _ZARR_DTYPES = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
 _SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 
-CODEC_HELP = (
-    "none | zstd:LEVEL | blosc-zstd:LEVEL[:shuffle|bitshuffle] | blosc-lz4:LEVEL[:shuffle|bitshuffle]"
-)
+CODEC_HELP = "none | zstd:LEVEL | blosc-zstd:LEVEL[:shuffle|bitshuffle] | blosc-lz4:LEVEL[:shuffle|bitshuffle]"
 
 
 def zarr_dtype(storage_dtype: str) -> str:

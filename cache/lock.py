@@ -48,9 +48,7 @@ def writer_lock(cache_path: Path) -> Iterator[None]:
     try:
         fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        raise UserError(
-            lock_problem(cache_path) or f"lock {lock_path} appeared and vanished; retry"
-        ) from None
+        raise UserError(lock_problem(cache_path) or f"lock {lock_path} appeared and vanished; retry") from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with os.fdopen(fd, "w") as f:
         json.dump(holder, f)

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+
 from sae.cache.codecs import STORAGE_DTYPES, compressors, from_storage, to_storage, zarr_dtype
 from sae.cache.spec import KEY_FIELDS, cache_key
-
 from sae.errors import UserError
 
 FORMAT = "sae-activation-cache"
@@ -218,9 +218,7 @@ class CacheWriter:
         """Write chunk `chunk_index` (tokens and every layer's [C*T, D] CPU acts), then commit it."""
         meta, spec = self.meta, self.meta["spec"]
         chunk_contexts, ctx_len = meta["storage"]["chunk_contexts"], spec["ctx_len"]
-        assert chunk_index == self.resume["chunk_index"], (
-            f"chunk {chunk_index} != {self.resume['chunk_index']}"
-        )
+        assert chunk_index == self.resume["chunk_index"], f"chunk {chunk_index} != {self.resume['chunk_index']}"
         n_ctx = len(tokens_CT)
         assert 0 < n_ctx <= chunk_contexts, f"{n_ctx} contexts do not fit a chunk of {chunk_contexts}"
         ctx0, row0 = chunk_index * chunk_contexts, chunk_index * chunk_contexts * ctx_len
@@ -258,11 +256,7 @@ class CacheWriter:
 
 
 def _spec_differences(stored: dict, wanted: dict) -> list[str]:
-    return [
-        f"{k}: cache has {stored.get(k)!r}, asked {wanted.get(k)!r}"
-        for k in wanted
-        if stored.get(k) != wanted[k]
-    ]
+    return [f"{k}: cache has {stored.get(k)!r}, asked {wanted.get(k)!r}" for k in wanted if stored.get(k) != wanted[k]]
 
 
 def open_writer(path: Path, spec: dict, storage: dict, d_model: int, provenance: dict) -> CacheWriter:
@@ -281,22 +275,24 @@ def open_writer(path: Path, spec: dict, storage: dict, d_model: int, provenance:
             raise UserError(f"spec mismatch extending {path}: {'; '.join(diffs)}")
         return CacheWriter(path, group)
     assert all(f in spec for f in KEY_FIELDS)
-    group = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
+    # Mode "w" would delete the lock file; arrays left by a creation that died before the metadata was
+    # written (the metadata goes last) are overwritten.
+    group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
     chunk_contexts, ctx_len = storage["chunk_contexts"], spec["ctx_len"]
     array_config = {"write_empty_chunks": True}  # a missing chunk must mean damage, never "all zeros"
     group.create_array(
         "tokens", shape=(0, ctx_len), chunks=(chunk_contexts, ctx_len), dtype="int32",
-        compressors=compressors("zstd:3"), fill_value=-1, config=array_config,
+        compressors=compressors("zstd:3"), fill_value=-1, config=array_config, overwrite=True,
     )  # fmt: skip
     for layer in spec["layers"]:
         group.create_array(
             acts_name(layer), shape=(0, d_model), chunks=(chunk_contexts * ctx_len, d_model),
             dtype=zarr_dtype(spec["dtype"]), compressors=compressors(storage["codec"]), fill_value=0,
-            config=array_config,
+            config=array_config, overwrite=True,
         )  # fmt: skip
         group.create_array(
             f"chunk_stats/{layer}", shape=(0, len(STAT_COLUMNS) + d_model), chunks=(1, len(STAT_COLUMNS) + d_model),
-            dtype="float64", compressors=compressors("none"), fill_value=0, config=array_config,
+            dtype="float64", compressors=compressors("none"), fill_value=0, config=array_config, overwrite=True,
         )  # fmt: skip
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     group.attrs[META_KEY] = {

@@ -4,8 +4,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from sae.cache.store import Cache, acts_name, chunk_file
 
+from sae.cache.store import Cache, acts_name, chunk_file
 from sae.errors import UserError
 
 
@@ -28,9 +28,7 @@ def verify(cache: Cache) -> Iterator[tuple[int, str | None]]:
             try:
                 acts = cache.read_acts(layer, chunk_index)
                 if not torch.isfinite(acts).all():
-                    problems.append(
-                        f"non-finite values in {chunk_file(cache.path, acts_name(layer), chunk_index)}"
-                    )
+                    problems.append(f"non-finite values in {chunk_file(cache.path, acts_name(layer), chunk_index)}")
             except UserError as e:
                 problems.append(str(e))
         yield chunk_index, "; ".join(problems) or None
@@ -55,8 +53,7 @@ def describe(cache: Cache) -> dict:
         "size_bytes": cache_size_bytes(cache.path),
         "spec": cache.spec,
         "stats": {
-            layer: {k: v for k, v in stats.items() if k != "mean_D"}
-            for layer, stats in cache.meta["stats"].items()
+            layer: {k: v for k, v in stats.items() if k != "mean_D"} for layer, stats in cache.meta["stats"].items()
         },
         "versions": cache.meta.get("versions", {}),
         "created": cache.meta["created"],

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import typer
-from sae.harvest.config import HarvestConfig
 
 from sae.config import parse_count, parse_ints, stage_config
+from sae.harvest.config import HarvestConfig
 
 Opt = typer.Option
 

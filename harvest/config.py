@@ -4,9 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae.cache.codecs import STORAGE_DTYPES, compressors
-from sae.harvest.model import MODEL_DTYPES, SITES
-
 from sae.errors import UserError
+from sae.harvest.model import MODEL_DTYPES, SITES
 
 PACKINGS = ("bos_per_doc", "bos_per_context")
 
@@ -61,9 +60,7 @@ class HarvestConfig:
         if self.packing not in PACKINGS:
             raise UserError(f"unknown packing '{self.packing}'; choose one of {', '.join(PACKINGS)}")
         if self.model_dtype not in MODEL_DTYPES:
-            raise UserError(
-                f"unknown model_dtype '{self.model_dtype}'; choose one of {', '.join(MODEL_DTYPES)}"
-            )
+            raise UserError(f"unknown model_dtype '{self.model_dtype}'; choose one of {', '.join(MODEL_DTYPES)}")
         if self.dtype not in STORAGE_DTYPES:
             raise UserError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
         compressors(self.codec)  # raises on an unknown codec

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from sae.cache.codecs import STORAGE_DTYPES
 from sae.cache.lock import writer_lock
 from sae.cache.spec import cache_dir_name
 from sae.cache.store import CacheWriter, default_cache_root, open_writer
+from sae.config import to_jsonable
+from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.harvest.hooks import capture
 from sae.harvest.model import LoadedModel, check_site, load_model
 from sae.harvest.text import DatasetSource, iter_contexts, iter_documents, iter_token_docs
-
-from sae.config import to_jsonable
-from sae.errors import UserError
 from sae.progress import console, make_progress
 from sae.versions import library_versions
 
@@ -63,9 +63,7 @@ def harvest(cfg: HarvestConfig) -> Path:
         writer = open_writer(path, spec, storage, loaded.d_model, provenance)
         have = writer.n_contexts
         if have >= target_contexts:
-            console.print(
-                f"{path} already holds {have * cfg.ctx_len:,} tokens (asked {cfg.tokens:,}): nothing to do"
-            )
+            console.print(f"{path} already holds {have * cfg.ctx_len:,} tokens (asked {cfg.tokens:,}): nothing to do")
             return path
         writer.reserve(target_contexts)
         _harvest_chunks(writer, loaded, cfg, source, target_contexts, device)
@@ -111,20 +109,14 @@ def _harvest_chunks(
             tokens_CT = np.stack([context for context, _ in batch])
             buffer = buffers[chunk_index % 2]
             for b0 in range(0, len(batch), cfg.batch_contexts):
-                ids_BT = (
-                    torch.from_numpy(tokens_CT[b0 : b0 + cfg.batch_contexts])
-                    .to(device, non_blocking=pin)
-                    .long()
-                )
+                ids_BT = torch.from_numpy(tokens_CT[b0 : b0 + cfg.batch_contexts]).to(device, non_blocking=pin).long()
                 acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
                 rows = slice(b0 * ctx_len, (b0 + len(ids_BT)) * ctx_len)
                 for layer, acts_BTD in acts.items():
                     buffer[layer][rows].copy_(acts_BTD.reshape(-1, loaded.d_model), non_blocking=pin)
                 progress.advance(task, ids_BT.numel())
             if pin:
-                torch.cuda.current_stream(
-                    device
-                ).synchronize()  # the copies must land before the writer reads
+                torch.cuda.current_stream(device).synchronize()  # the copies must land before the writer reads
             if writing is not None:
                 writing.result()  # surfaces the writer's errors; also frees the other buffer
             n_rows = len(batch) * ctx_len

@@ -57,9 +57,7 @@ def hook_site(
     for layer in layers:
         stop = stop_after_last and layer == last
         if site == "resid_pre":
-            handle = blocks[layer].register_forward_pre_hook(
-                _pre_hook(layer, on_acts, stop), with_kwargs=True
-            )
+            handle = blocks[layer].register_forward_pre_hook(_pre_hook(layer, on_acts, stop), with_kwargs=True)
         else:
             handle = blocks[layer].register_forward_hook(_post_hook(layer, on_acts, stop), with_kwargs=True)
         handles.append(handle)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sae.cache.spec import file_sha256
 from torch import nn
 
+from sae.cache.spec import file_sha256
 from sae.errors import UserError
 
 SITES = ("resid_pre", "resid_post")
@@ -109,9 +109,7 @@ def load_model(model_id: str, model_dtype: str = "float32", device: str = "cpu")
         revision = "sha256:" + file_sha256(weight_files)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
-        raise UserError(
-            f"tokenizer of '{model_id}' has neither a BOS nor an EOS token to begin documents with"
-        )
+        raise UserError(f"tokenizer of '{model_id}' has neither a BOS nor an EOS token to begin documents with")
     return LoadedModel(model, tokenizer, revision, find_blocks(model), bos)
 
 

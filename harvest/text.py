@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sae.cache.spec import file_sha256
 
+from sae.cache.spec import file_sha256
 from sae.errors import UserError
 
 BUNDLED_DATASETS = ("openwebtext-sample",)  # shipped in sae/data/ with a data card
@@ -42,9 +42,7 @@ class DatasetSource:
         if path.is_dir():
             if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
                 raise UserError(f"dataset directory {path} was not written by datasets' save_to_disk")
-            return cls(
-                name, "disk", str(path), "sha256:" + file_sha256([p for p in path.rglob("*") if p.is_file()])
-            )
+            return cls(name, "disk", str(path), "sha256:" + file_sha256([p for p in path.rglob("*") if p.is_file()]))
         if path.exists():
             if path.suffix not in _FILE_BUILDERS:
                 raise UserError(f"dataset file {path}: use one of {', '.join(_FILE_BUILDERS)}")

@@ -1,6 +1,11 @@
 """Tiny real models (GPT-2 and Llama blocks, random weights) with a real BPE tokenizer, built offline."""
 
+import os
 from pathlib import Path
+
+# Tests never reach a hub: an unknown hub id must fail at once, not after network retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pyarrow.parquet as pq
 import pytest
@@ -44,9 +49,7 @@ def _save_model(directory: Path, config, tokenizer) -> Path:
 def tiny_gpt2(tmp_path_factory, tiny_tokenizer) -> Path:
     from transformers import GPT2Config
 
-    config = GPT2Config(
-        vocab_size=512, n_positions=256, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0
-    )
+    config = GPT2Config(vocab_size=512, n_positions=256, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)
     return _save_model(tmp_path_factory.mktemp("tiny-gpt2"), config, tiny_tokenizer)
 
 

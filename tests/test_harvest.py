@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from sae.cache.store import open_cache
 from sae.harvest.config import HarvestConfig
 from sae.harvest.harvest import harvest
-from transformers import AutoModelForCausalLM
 
 
 def small_config(model, dataset, cache_dir, **overrides) -> HarvestConfig:

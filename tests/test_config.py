@@ -1,0 +1,47 @@
+"""pipeline.toml: its values are the dataclass defaults, typos are errors, flags override it."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sae.config import parse_count, parse_ints, read_pipeline_toml, stage_config, to_jsonable
+from sae.errors import UserError
+from sae.harvest.config import HarvestConfig
+
+PIPELINE_TOML = Path(__file__).parent.parent / "pipeline.toml"
+
+
+def test_pipeline_toml_equals_the_dataclass_defaults():
+    table = read_pipeline_toml(PIPELINE_TOML)["harvest"]
+    defaults = to_jsonable(HarvestConfig())
+    assert {k: defaults[k] for k in table} == table
+    assert set(defaults) - set(table) <= {"dataset_config", "cache_dir"}  # the two that default to None
+
+
+def test_a_typo_names_the_key_and_the_closest_one(tmp_path):
+    path = tmp_path / "pipeline.toml"
+    path.write_text("[harvest]\nlayer = [6]\n")
+    with pytest.raises(UserError, match=r"unknown key 'layer' in \[harvest\] .*did you mean 'layers'\?"):
+        stage_config(HarvestConfig, "harvest", path, {})
+    path.write_text("[harvst]\nlayers = [6]\n")
+    with pytest.raises(UserError, match=r"unknown key 'harvst' .*did you mean 'harvest'\?"):
+        stage_config(HarvestConfig, "harvest", path, {})
+
+
+def test_flags_override_the_file_and_values_are_coerced(tmp_path):
+    path = tmp_path / "pipeline.toml"
+    path.write_text('[harvest]\nlayers = [6, 8]\ntokens = 2e8\nmodel = "gpt2"\ncache_dir = "/data/caches"\n')
+    cfg = stage_config(HarvestConfig, "harvest", path, {"model": "smollm2-135m", "site": None})
+    assert cfg.model == "smollm2-135m" and cfg.layers == (6, 8) and cfg.tokens == 200_000_000
+    assert cfg.cache_dir == Path("/data/caches") and cfg.site == "resid_pre"
+    assert dataclasses.replace(cfg, layers=(1,)).layers == (1,)
+
+
+def test_flag_parsers():
+    assert parse_ints("6,8,10") == (6, 8, 10) and parse_count("2e8") == 200_000_000
+    assert parse_count("1_000") == 1000
+    with pytest.raises(UserError, match="expected a count like 1e6, got 'lots'"):
+        parse_count("lots")
+    with pytest.raises(UserError, match="expected comma-separated integers, got '6;8'"):
+        parse_ints("6;8")
