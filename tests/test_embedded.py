@@ -1,0 +1,29 @@
+"""End to end on the embedded default: the real SmolLM2-135M over the bundled OpenWebText sample."""
+
+import pytest
+import torch
+
+from sae.cache.store import open_cache
+from sae.harvest.config import HarvestConfig
+from sae.harvest.harvest import harvest
+from sae.harvest.model import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_harvest_matches_its_own_forward(tmp_path):
+    cfg = HarvestConfig(layers=(3, 6), tokens=128 * 48, chunk_contexts=32, cache_dir=tmp_path, device="cpu")
+    cache = open_cache(harvest(cfg))
+    assert cache.d_model == 576 and cache.n_contexts == 48 and cache.spec["n_layers"] == 30
+    assert cache.spec["model_revision"].startswith("sha256:")
+    tokens_NT = torch.from_numpy(cache.read_tokens(1)[:8]).long()
+    loaded = load_model("smollm2-135m")
+    with torch.no_grad():
+        hidden = loaded.model(tokens_NT, output_hidden_states=True).hidden_states
+    for layer in (3, 6):
+        stored = cache.read_acts(layer, 1)[: 8 * 128].float()
+        torch.testing.assert_close(stored, hidden[layer].reshape(-1, 576), rtol=2e-3, atol=0.05)
+    # Attention sinks: BOS and first-position rows carry several times the usual residual norm.
+    stats = cache.stats(6)
+    assert stats["mean_norm"] > 1.02 * stats["plain_mean_norm"]
+    assert stats["max_norm"] > 5 * stats["plain_mean_norm"]
