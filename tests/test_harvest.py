@@ -111,3 +111,28 @@ def test_dataset_exhausted_keeps_what_it_read(tiny_gpt2, tmp_path, sample_texts)
     cache = open_cache(path)
     assert 0 < cache.n_contexts < 10**6 // 32
     assert cache.group["tokens"].shape[0] == cache.n_contexts
+
+
+def test_hub_streaming_path_resumes_exactly(monkeypatch, tiny_gpt2, sample_parquet, tmp_path):
+    """The hub branch (streaming, seeded shuffle buffer, skip on resume), fed a local parquet stream."""
+    import datasets
+
+    real_load_dataset = datasets.load_dataset
+    calls = []
+
+    def hub_as_local(path, name=None, split=None, streaming=False, **kwargs):
+        calls.append((path, name, split, streaming))
+        return real_load_dataset("parquet", data_files=str(sample_parquet), split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_as_local)
+    # A stream closed before its end sleeps 5 s for arrow's threads: a cost per harvest, not per token.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    hub_id = "Skylion007/openwebtext"
+    harvest(small_config(tiny_gpt2, hub_id, tmp_path / "a", tokens=32 * 20, chunk_contexts=8))
+    extended = harvest(small_config(tiny_gpt2, hub_id, tmp_path / "a", chunk_contexts=8))
+    whole = harvest(small_config(tiny_gpt2, hub_id, tmp_path / "b", chunk_contexts=8))
+    assert calls[0] == (hub_id, None, "train", True)
+    assert open_cache(whole).spec["dataset_revision"] == "unversioned"
+    a, b = arrays(extended), arrays(whole)
+    for name in b:
+        np.testing.assert_array_equal(a[name], b[name])
