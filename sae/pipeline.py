@@ -1,0 +1,40 @@
+"""Glue between stages that the CLI needs: which cache a `sae train` without --cache means."""
+
+import shlex
+from pathlib import Path
+
+from sae.cache.store import default_cache_root, find_caches
+from sae.config import stage_config
+from sae.errors import UserError
+from sae.harvest.config import HarvestConfig
+
+
+def harvest_command_line(cfg: HarvestConfig) -> str:
+    """The `sae harvest` command that makes the cache cfg names."""
+    flags = {
+        "--model": cfg.model, "--layer": ",".join(map(str, cfg.layers)), "--site": cfg.site,
+        "--dataset": cfg.dataset, "--ctx-len": cfg.ctx_len, "--tokens": cfg.tokens,
+        "--dtype": cfg.dtype, "--model-dtype": cfg.model_dtype,
+    }  # fmt: skip
+    if cfg.cache_dir is not None:
+        flags["--cache-dir"] = cfg.cache_dir
+    return "sae harvest " + " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags.items())
+
+
+def resolve_cache(cache: Path | None, config_path: Path | None) -> Path:
+    """The given cache, else the largest cache matching pipeline.toml's [harvest] spec.
+
+    Only the CLI calls this: the train stage itself never imports harvest.
+    """
+    if cache is not None:
+        return cache
+    harvest_cfg = stage_config(HarvestConfig, "harvest", config_path, {})
+    root = default_cache_root(harvest_cfg.cache_dir)
+    matches = find_caches(root, harvest_cfg.declared_spec())
+    if not matches:
+        raise UserError(
+            f"no cache in {root} matches the [harvest] spec (model {harvest_cfg.model}, layers "
+            f"{list(harvest_cfg.layers)}, {harvest_cfg.dataset}); make it with `{harvest_command_line(harvest_cfg)}`"
+            " or pass --cache PATH"
+        )
+    return max(matches, key=lambda c: c.n_contexts).path

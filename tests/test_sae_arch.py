@@ -1,0 +1,156 @@
+"""SAE architectures on planted sparse data: each assertion is on a number a bug would move."""
+
+import pytest
+import torch
+
+from sae.errors import UserError
+from sae.train.config import SAESpec, TrainConfig
+from sae.train.sae import SparseAutoencoder, decode_dense, decode_sparse, select_batchtopk, select_topk
+from sae.train.synthetic import planted_acts
+from sae.train.trainer import configure_backend, make_optimizer, make_sae, train_step
+
+D, FEATURES, K = 64, 128, 4
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out rows, scaled so E‖x‖ = √d as the trainer's default normalisation does."""
+    train_ND, test_ND = planted_acts(64_000, D, FEATURES, K, seed=1), planted_acts(4096, D, FEATURES, K, seed=2)
+    scale = D**0.5 / train_ND.norm(dim=1).mean()
+    return train_ND * scale, test_ND * scale
+
+
+def fit(arch: str, data_ND: torch.Tensor, steps: int, init=None, **overrides) -> SparseAutoencoder:
+    """The trainer's own step on in-memory batches; AuxK's dead set refreshed every 25 steps."""
+    fields = dict(arch=(arch,), k=(K,), dict_size=(FEATURES,), batch_size=512, lr=3e-3, dead_tokens=2560)
+    cfg = TrainConfig(**{**fields, **overrides})
+    (spec,) = cfg.specs()
+    configure_backend(torch.device("cpu"), cfg.precision)
+    sae = make_sae(cfg, spec, D, torch.device("cpu"))
+    if init is not None:
+        init(sae)
+    opt = make_optimizer(cfg, sae)
+    n_batches = len(data_ND) // cfg.batch_size
+    for step in range(steps):
+        if step == int(steps * (1 - cfg.theta_tail)):
+            sae.reset_theta()
+        if step % 25 == 0:
+            sae.aux_on = bool(sae.dead_fraction() > 0) and cfg.aux_k > 0
+        b = step % n_batches
+        train_step(sae, sae, opt, data_ND[b * cfg.batch_size : (b + 1) * cfg.batch_size], cfg, world=1)
+    return sae.eval()
+
+
+@torch.no_grad()
+def fvu_and_l0(sae: SparseAutoencoder, x_ND: torch.Tensor) -> tuple[float, torch.Tensor]:
+    latents_NM = sae.encode(x_ND)
+    err = (sae.decode(latents_NM) - x_ND).square().sum()
+    return float(err / (x_ND - x_ND.mean(0)).square().sum()), (latents_NM > 0).sum(1)
+
+
+def test_batchtopk_beats_topk_at_equal_k_and_theta_keeps_l0_near_k(planted):
+    train_ND, test_ND = planted
+    btk_fvu, btk_l0 = fvu_and_l0(fit("batchtopk", train_ND, 500), test_ND)
+    topk_fvu, topk_l0 = fvu_and_l0(fit("topk", train_ND, 500), test_ND)
+    assert btk_fvu < 0.8 * topk_fvu, (btk_fvu, topk_fvu)
+    assert abs(btk_l0.float().mean() - K) <= 0.1 * K  # θ inference, per sample, batch-independent
+    assert btk_l0.max() > 2 * K and btk_l0.min() < K  # ... and it spends latents unevenly
+    # TopK keeps exactly k of the ReLU'd pre-activations; a row with fewer than k positive ones is the
+    # only way to have fewer active
+    assert (topk_l0 <= K).all() and (topk_l0 == K).float().mean() > 0.99
+
+
+def test_jumprelu_l0_falls_as_its_coefficient_rises(planted):
+    train_ND, test_ND = planted
+    l0s = [fvu_and_l0(fit("jumprelu", train_ND, 300, l0_coeff=(c,)), test_ND)[1].float().mean() for c in (0, 0.01, 0.1)]
+    assert l0s[0] > 1.08 * l0s[1] and l0s[1] > 1.3 * l0s[2], l0s
+
+
+def test_auxk_revives_dead_latents(planted):
+    """Half the latents start as slightly weaker copies of the other half: they never win TopK, so
+    without AuxK they stay dead; AuxK trains them on the residual until they find features of their own."""
+
+    def duplicate_half(sae: SparseAutoencoder) -> None:
+        with torch.no_grad():
+            sae.W_enc[:, FEATURES // 2 :] = 0.98 * sae.W_enc[:, : FEATURES // 2]
+            sae.W_dec[FEATURES // 2 :] = sae.W_dec[: FEATURES // 2]
+
+    runs = [fit("topk", planted[0], 300, aux_coeff=c, aux_k=32, init=duplicate_half) for c in (0, 1 / 32)]
+    dead = [float(sae.dead_fraction()) for sae in runs]
+    assert dead[0] > 0.35 and dead[1] < 0.5 * dead[0], dead
+    assert fvu_and_l0(runs[1], planted[1])[0] < 0.9 * fvu_and_l0(runs[0], planted[1])[0]
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "jumprelu", "relu"])
+def test_decoder_rows_stay_unit_norm(planted, arch):
+    sae = fit(arch, planted[0], 20)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(FEATURES), atol=1e-5)
+
+
+@pytest.mark.parametrize("select", [select_topk, select_batchtopk])
+def test_sparse_decode_equals_dense_decode_with_gradients(select):
+    torch.manual_seed(0)
+    pre_BM = torch.randn(32, 256).relu().requires_grad_()
+    W_dec_MD = torch.randn(256, 48, requires_grad=True)
+    results = []
+    for decode in (decode_sparse, decode_dense):
+        recon_BD = decode(select(pre_BM, 8), W_dec_MD)
+        grads = torch.autograd.grad((recon_BD.sin() * torch.linspace(-1, 1, 48)).sum(), [pre_BM, W_dec_MD])
+        results.append((recon_BD, *grads))
+    for sparse, dense in zip(*results, strict=True):
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)  # fp32 summation order only
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_sparse_and_dense_paths_train_the_same_module(arch):
+    """The whole forward (AuxK included) and every parameter gradient agree across the two paths."""
+    x_BD = planted_acts(256, D, FEATURES, K, seed=3) * 3
+    grads = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        sae = SparseAutoencoder(SAESpec(arch, K, 256, 0.0, 0.0), D, aux_k=32, dead_tokens=1, sparse_decode=sparse)
+        sae.tokens_since_fired_M[::2] = 10  # half the latents dead
+        sae.aux_on = True
+        out = sae(x_BD)
+        out.loss.backward()
+        grads.append([out.loss.detach(), out.aux.detach()] + [p.grad for p in sae.parameters()])
+    assert grads[0][1] > 0
+    for sparse, dense in zip(*grads, strict=True):
+        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-6)
+
+
+def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_estimate():
+    """d loss/d log θ_i = −(θ/ε)·θ·Σ_b 1[|z−θ|<ε/2]·∂loss/∂f (reconstruction) and −(θ/ε)·Σ_b 1[...] (L0)."""
+    sae = SparseAutoencoder(SAESpec("jumprelu", 1, 2, 0.5, 0.0), 2, bandwidth=0.1, init_threshold=1.0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(torch.eye(2))
+    x_BD = torch.tensor([[1.02, 0.0], [0.97, 3.0], [2.0, 1.3]])  # z = x: rows 0, 1 in latent 0's window
+    out = sae(x_BD)
+    out.loss.backward()
+    # latent 0: row 0 fires (f = 1.02, x̂ = 1.02 = x: zero mse gradient), row 1 does not (f = 0,
+    # ∂mse/∂f = −2·0.97/6); L0 gradient counts both rows: λ·(1/3)·(−1/ε)·2, times θ = 1.
+    expected = -(1 / 0.1) * (-2 * 0.97 / 6) - 0.5 / 3 * (1 / 0.1) * 2
+    torch.testing.assert_close(sae.log_threshold.grad[0], torch.tensor(expected))
+    assert sae.log_threshold.grad[1] == 0  # no row near latent 1's threshold
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(k=(0,)), "k must be a positive integer, got 0"),
+        (dict(k=(64,), dict_size=(32,)), "k=64 exceeds dict_size=32"),
+        (dict(dict_size=(0,)), "dict_size must be a positive integer, got 0"),
+        (dict(arch=("batchtop",)), "unknown arch 'batchtop'; choose from batchtopk, topk, jumprelu, relu"),
+        (dict(sweep=({"arch": "topk", "kk": 3},)), r"unknown key 'kk' in \[\[sweep\]\]; did you mean 'k'"),
+        (dict(normalize="l2"), "unknown normalize 'l2'"),
+    ],
+)
+def test_bad_sae_settings_are_one_line_errors(fields, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**fields)
+
+
+def test_sweep_grid_crosses_each_arch_with_its_own_knob():
+    cfg = TrainConfig(arch=("batchtopk", "jumprelu"), k=(16, 32), dict_size=(1024,), l0_coeff=(0.004,))
+    assert [s.name for s in cfg.specs()] == ["batchtopk_k16_m1024", "batchtopk_k32_m1024", "jumprelu_l0c0.004_m1024"]

@@ -1,0 +1,98 @@
+"""Saved run directories: SAELens layout, raw-activation weights, reload, and the `sae train` CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sae.cache.store import open_cache
+from sae.cli import app
+from sae.train.checkpoint import WEIGHTS, load_checkpoint, load_sae, reconstruct
+from sae.train.config import TrainConfig
+from sae.train.sae import normalize_input
+from sae.train.synthetic import planted_acts, write_cache
+from sae.train.trainer import make_sae, run_training
+
+D, CTX, CHUNK_CTX = 32, 16, 16
+PIPELINE_TOML = Path(__file__).parent.parent / "pipeline.toml"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    acts_RD = planted_acts(6 * CHUNK_CTX * CTX, D, 64, 4, seed=0) * 5 + 1.0  # an offset and a scale to undo
+    return write_cache(tmp_path_factory.mktemp("caches"), acts_RD, CTX, CHUNK_CTX)
+
+
+@pytest.mark.parametrize("normalize", ["scale", "standardize", "none"])
+def test_saved_saes_act_on_raw_activations_like_the_trained_ones(cache, tmp_path, normalize):
+    cfg = TrainConfig(
+        arch=("batchtopk", "topk", "jumprelu", "relu"), k=(4,), dict_size=(96,), batch_size=128, lr=3e-3,
+        normalize=normalize, log_every=5, checkpoint_every=10, buffer_chunks=2, out=tmp_path,
+    )  # fmt: skip
+    run_dirs = run_training(cfg, cache)
+    held = open_cache(cache)
+    x_BD = held.read_acts(0, held.n_chunks - 1).float()
+    for run_dir, spec in zip(run_dirs, cfg.specs(), strict=True):
+        record = json.loads((run_dir / "cfg.json").read_text())
+        tensors = load_file(run_dir / WEIGHTS)
+        thresholded = spec.arch in ("batchtopk", "jumprelu")
+        assert set(tensors) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if thresholded else set())
+        assert tensors["W_enc"].shape == (D, 96) and tensors["W_dec"].shape == (96, D)
+        assert record["architecture"] == {"batchtopk": "jumprelu", "topk": "topk"}.get(
+            spec.arch, record["architecture"]
+        )
+        assert record["normalize_activations"] == ("layer_norm" if normalize == "standardize" else "none")
+        # the trained SAE, in its own input space, from the last checkpoint
+        trained = make_sae(cfg, spec, D, torch.device("cpu"))
+        trained.load_state_dict(load_checkpoint(run_dir, record["step"], torch.device("cpu"))["sae"])
+        trained.eval()
+        x_n, mult, shift = normalize_input(x_BD, normalize, record["input"]["scale"])
+        with torch.no_grad():
+            expected_BD = trained.decode(trained.encode(x_n)) * mult + shift
+            recon_BD, latents_BM = reconstruct(load_sae(run_dir), x_BD)
+        torch.testing.assert_close(recon_BD, expected_BD, rtol=1e-4, atol=1e-4)
+        fvu = float((recon_BD - x_BD).square().sum() / (x_BD - x_BD.mean(0)).square().sum())
+        assert fvu == pytest.approx(record["heldout"]["fvu"], rel=1e-3)  # the held-out chunk is these rows
+        assert float((latents_BM > 0).sum(1).float().mean()) == pytest.approx(record["heldout"]["l0"], rel=1e-3)
+
+
+@pytest.mark.parametrize("normalize", ["scale", "standardize"])
+def test_sae_lens_loads_a_run_as_it_is(cache, tmp_path, normalize):
+    """Checked with sae-lens 6.54.12; skipped where sae_lens is not installed."""
+    sae_lens = pytest.importorskip("sae_lens")
+    cfg = TrainConfig(
+        arch=("batchtopk", "topk", "jumprelu", "relu"), k=(4,), dict_size=(96,), batch_size=128,
+        normalize=normalize, out=tmp_path,
+    )  # fmt: skip
+    for run_dir in run_training(cfg, cache):
+        theirs = sae_lens.SAE.load_from_disk(str(run_dir))
+        ours = load_sae(run_dir)
+        x_BD = torch.randn(64, D) * 5 + 1
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x_BD), reconstruct(ours, x_BD)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_cli_errors_are_one_line(cache, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--k", "0", "--out", str(tmp_path)])
+    assert "k must be a positive integer, got 0" in str(result.exception)
+    toml = tmp_path / "pipeline.toml"
+    toml.write_text(f'[harvest]\ncache_dir = "{tmp_path / "none"}"\n')
+    result = runner.invoke(app, ["train", "--config", str(toml)])
+    assert "no cache in" in str(result.exception) and "make it with `sae harvest --model" in str(result.exception)
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path), "--k", "4"])
+    assert "is not a run directory (no cfg.json)" in str(result.exception)
+
+
+def test_cli_trains_a_sweep_and_resumes_it(cache, tmp_path):
+    runner = CliRunner()
+    args = ["train", "--cache", str(cache), "--arch", "batchtopk,topk", "--k", "4,8", "--dict-size", "64"]
+    result = runner.invoke(app, [*args, "--batch-size", "128", "--tokens", "1280", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["batchtopk_k4_m64", "batchtopk_k8_m64", "topk_k4_m64", "topk_k8_m64"]
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "topk_k8_m64")])
+    assert result.exit_code == 0, result.output  # already at its last step: nothing more to do

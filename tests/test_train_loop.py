@@ -1,0 +1,129 @@
+"""The trainer on small synthetic caches: resume, one read per batch, and its one-line errors."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sae.train.loader as loader_module
+import sae.train.trainer as trainer_module
+from sae.errors import UserError
+from sae.train.checkpoint import METRICS, WEIGHTS, checkpoint_steps
+from sae.train.config import TrainConfig
+from sae.train.synthetic import planted_acts, write_cache
+from sae.train.trainer import run_training
+
+D, CTX, CHUNK_CTX, CHUNKS = 32, 16, 16, 12  # 256 rows a chunk; the last chunk is held out
+TRAIN_ROWS = (CHUNKS - 1) * CHUNK_CTX * CTX
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    acts_RD = planted_acts(CHUNKS * CHUNK_CTX * CTX, D, 64, 4, seed=0) * 2
+    return write_cache(tmp_path_factory.mktemp("caches"), acts_RD, CTX, CHUNK_CTX, bos_every=37)
+
+
+def small_config(out: Path, **fields) -> TrainConfig:
+    base = dict(
+        arch=("batchtopk", "jumprelu"), k=(4,), dict_size=(128,), batch_size=128, lr=3e-3,
+        log_every=5, checkpoint_every=5, buffer_chunks=4, loader_threads=2, dead_tokens=512, out=out,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **fields})
+
+
+def test_kill_and_resume_ends_bit_identical(cache, tmp_path, monkeypatch):
+    whole = run_training(small_config(tmp_path / "whole"), cache)
+    calls = {"n": 0}
+    real_step = trainer_module.train_step
+
+    def killed_at_step_13(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 13 * 2:  # two SAEs a step
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    cfg = small_config(tmp_path / "killed")
+    monkeypatch.setattr(trainer_module, "train_step", killed_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, cache)
+    assert checkpoint_steps(cfg.out / "batchtopk_k4_m128") == [5, 10]
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    resumed = run_training(cfg, cache, resume=True)
+    for a, b in zip(whole, resumed, strict=True):
+        wa, wb = load_file(a / WEIGHTS), load_file(b / WEIGHTS)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+        lines_a, lines_b = [(p / METRICS).read_text().splitlines() for p in (a, b)]
+        assert [json.loads(x)["step"] for x in lines_a] == [json.loads(x)["step"] for x in lines_b]
+        assert json.loads(lines_a[-1])["heldout"] == json.loads(lines_b[-1])["heldout"]
+    cfg_json = json.loads((resumed[0] / "cfg.json").read_text())
+    assert cfg_json["step"] == TRAIN_ROWS // 128 and cfg_json["theta"] > 0
+    assert abs(cfg_json["heldout"]["l0"] - 4) < 2  # θ-inference L0 near k after 22 steps
+
+
+def test_a_sweep_reads_each_chunk_once_for_all_its_saes(cache, tmp_path, monkeypatch):
+    reads = []
+    real_read = loader_module.read_rows
+    monkeypatch.setattr(loader_module, "read_rows", lambda *a: reads.append(a[2]) or real_read(*a))
+    counts = []
+    for archs in [("batchtopk",), ("batchtopk", "topk", "relu")]:
+        reads.clear()
+        run_training(small_config(tmp_path / "-".join(archs), arch=archs, holdout_chunks=1), cache)
+        counts.append(len(reads))
+    # 22 steps of 128 rows use 11 chunks once, plus what the loader had already prefetched
+    assert counts[0] == counts[1] and CHUNKS - 1 <= counts[0] <= 2 * (CHUNKS - 1)
+
+
+def test_too_few_rows_says_how_many_there_are(cache, tmp_path):
+    with pytest.raises(UserError, match=f"has {TRAIN_ROWS:,} training rows .* fewer than the 1,000,000 tokens"):
+        run_training(small_config(tmp_path, tokens=1_000_000), cache)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path, monkeypatch):
+    real_normalize = trainer_module.normalize_input
+    calls = {"n": 0}
+
+    def nan_from_step_8(x_BD, *args):
+        calls["n"] += 1
+        x_n, mult, shift = real_normalize(x_BD, *args)
+        return (x_n * float("nan") if calls["n"] >= 8 else x_n), mult, shift
+
+    monkeypatch.setattr(trainer_module, "normalize_input", nan_from_step_8)
+    cfg = small_config(tmp_path, arch=("topk",), checkpoint_every=5)
+    with pytest.raises(UserError, match="loss became NaN/inf in topk_k4_m128 before step 10; .*checkpoint is kept"):
+        run_training(cfg, cache)
+    run_dir = tmp_path / "topk_k4_m128"
+    assert checkpoint_steps(run_dir) == [5]
+    assert torch.isfinite(load_file(run_dir / WEIGHTS)["W_enc"]).all()
+
+
+def test_resume_on_a_cache_of_another_width_is_refused(cache, tmp_path):
+    cfg = small_config(tmp_path / "runs", arch=("topk",), tokens=128 * 5)
+    run_training(cfg, cache)
+    narrow = write_cache(tmp_path / "narrow", planted_acts(4 * CHUNK_CTX * CTX, 16, 32, 4), CTX, CHUNK_CTX)
+    with pytest.raises(UserError, match="has d_model=16 but the run .* was trained with d_in=32"):
+        run_training(cfg, narrow, resume=True)
+
+
+def test_unwritable_or_occupied_run_directories_are_refused(cache, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="cannot write run directory .*a-file/runs/topk_k4_m128"):
+        run_training(small_config(tmp_path / "a-file" / "runs", arch=("topk",)), cache)
+    cfg = small_config(tmp_path / "runs", arch=("topk",), tokens=128 * 5)
+    run_training(cfg, cache)
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
+        run_training(dataclasses.replace(cfg), cache)
+
+
+def test_dropped_rows_and_the_scale_are_recorded(cache, tmp_path):
+    cfg = small_config(
+        tmp_path, arch=("topk",), tokens=128 * 5, drop_bos=True, drop_first=True, drop_norm_quantile=0.99
+    )
+    (run_dir,) = run_training(cfg, cache)
+    record = json.loads((run_dir / "cfg.json").read_text())
+    assert record["input"]["drop_bos"] and record["input"]["max_norm"] > 0 and record["input"]["scale"] > 0
+    heldout = record["heldout"]
+    # held-out rows: 256 in all, minus 16 first positions, BOS rows and the top 1% of norms
+    assert heldout["rows_all"] == 256 and 200 < heldout["rows_kept"] < 240

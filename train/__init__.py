@@ -1,0 +1,1 @@
+"""Training: SAE architectures, the shuffled cache loader, the sweep trainer, SAELens-format checkpoints."""

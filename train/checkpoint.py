@@ -1,0 +1,191 @@
+"""Run directories: the SAELens-6 layout, plus what --resume needs.
+
+    <run>/sae_weights.safetensors   W_enc [d, m], b_enc [m], W_dec [m, d], b_dec [d], threshold [m]
+                                    (thresholded SAEs only); acting on raw activations
+    <run>/cfg.json                  SAELens fields + ours (training_architecture, config, cache, versions)
+    <run>/metrics.jsonl             one line per logging step; a last line with the held-out figures
+    <run>/checkpoint-<step>.pt      training-space weights, optimizer, θ statistics, loader position
+
+Every file is written atomically (temp file, fsync, rename), so a kill at any instant leaves either
+the old file or the new one. The last two checkpoints are kept: a sweep killed between writing its
+runs' checkpoints resumes from the newest step that every run has.
+"""
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from sae.cache.store import Cache
+from sae.errors import UserError
+from sae.train.config import SAESpec
+from sae.train.sae import SparseAutoencoder, normalize_input
+
+WEIGHTS, CFG, METRICS = "sae_weights.safetensors", "cfg.json", "metrics.jsonl"
+SAELENS_ARCH = {"batchtopk": "jumprelu", "jumprelu": "jumprelu", "topk": "topk", "relu": "standard"}
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable --out") from None
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """Create the run dir, or check a resumed one; never overwrite a finished or running run."""
+    if not resume and (run_dir / CFG).exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write run directory {run_dir}: {e.strerror or e}; choose another --out") from None
+
+
+def export_weights(sae: SparseAutoencoder, scale: float) -> dict[str, torch.Tensor]:
+    """SAELens tensors acting on raw activations: the SAE saw x·scale, so fold the scale in.
+
+    pre = (s·x − b_dec) W_enc + b_enc = (x − b_dec/s)(s·W_enc) + b_enc;  x̂ = (f W_dec + b_dec)/s.
+    """
+    with torch.no_grad():
+        tensors = {
+            "W_enc": sae.W_enc * scale,
+            "b_enc": sae.b_enc.clone(),
+            "W_dec": sae.W_dec / scale,
+            "b_dec": sae.b_dec / scale,
+        }
+        if sae.spec.arch in ("batchtopk", "jumprelu"):
+            tensors["threshold"] = sae.threshold_M().clone()
+    return {name: t.float().cpu().contiguous() for name, t in tensors.items()}
+
+
+def saelens_cfg(sae: SparseAutoencoder, standardized: bool, cache_spec: dict, layer: int) -> dict[str, Any]:
+    """The fields SAELens 6's SAE.load_from_disk reads."""
+    cfg = {
+        "architecture": SAELENS_ARCH[sae.spec.arch],
+        "d_in": sae.d_in,
+        "d_sae": sae.m,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "layer_norm" if standardized else "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": cache_spec.get("model"),
+            "hook_name": f"blocks.{layer}.hook_{cache_spec.get('site', 'resid_pre')}",
+            "hook_head_index": None,
+            "context_size": cache_spec.get("ctx_len"),
+            "prepend_bos": True,
+            "dataset_path": cache_spec.get("dataset"),
+        },
+    }
+    if sae.spec.arch == "topk":
+        cfg["k"] = sae.spec.k
+    return cfg
+
+
+def run_cfg(sae: SparseAutoencoder, standardized: bool, cache: Cache, layer: int) -> dict[str, Any]:
+    """cfg.json's description of an SAE and its data: SAELens's fields plus ours (the trainer adds
+    the training state; evaluation reads these)."""
+    return {
+        **saelens_cfg(sae, standardized, cache.spec, layer),
+        "training_architecture": sae.spec.arch,
+        "sae": sae.spec._asdict(),
+        "theta": float(sae.threshold_M()[0]) if sae.spec.arch == "batchtopk" else None,
+        "cache": {"path": str(Path(cache.path).resolve()), "key": cache.key, "layer": layer, "spec": cache.spec},
+    }
+
+
+def save_run(run_dir: Path, sae: SparseAutoencoder, scale: float, cfg_json: dict[str, Any]) -> None:
+    """The SAELens weights and cfg.json (weights first: cfg.json marks a complete run dir)."""
+    tensors = export_weights(sae, scale)
+    atomic_write(run_dir / WEIGHTS, lambda f: f.write(safetensors_bytes(tensors)))
+    write_json(run_dir / CFG, cfg_json)
+
+
+def load_sae(run_dir: Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """A saved SAE (raw-activation weights); `sae.input_norm` is "none" or "layer_norm"."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CFG).exists() or not (run_dir / WEIGHTS).exists():
+        raise UserError(f"{run_dir} is not a run directory (no {CFG} and {WEIGHTS})")
+    cfg = json.loads((run_dir / CFG).read_text())
+    tensors = load_file(run_dir / WEIGHTS, device=str(device))
+    sae = SparseAutoencoder(SAESpec(**cfg["sae"]), cfg["d_in"]).to(device)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(tensors[name])
+        if sae.spec.arch == "jumprelu":
+            sae.log_threshold.copy_(tensors["threshold"].log())
+        elif sae.spec.arch == "batchtopk":
+            sae.theta_sum.fill_(float(tensors["threshold"][0]))
+            sae.theta_count.fill_(1)
+    sae.input_norm = cfg["normalize_activations"]
+    return sae.eval()
+
+
+def reconstruct(
+    sae: SparseAutoencoder, x_BD: torch.Tensor, batch_mode: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction, latents) of a loaded SAE on raw activations, as SAELens computes them: a
+    standardising SAE ("layer_norm") sees each row standardised, and its output is mapped back."""
+    mode = "standardize" if getattr(sae, "input_norm", "none") == "layer_norm" else "none"
+    x_n, mult, shift = normalize_input(x_BD, mode)
+    latents_BM = sae.encode(x_n, batch_mode)
+    return sae.decode(latents_BM) * mult + shift, latents_BM
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in run_dir.glob("checkpoint-*.pt"))
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any]) -> None:
+    atomic_write(run_dir / f"checkpoint-{step:09d}.pt", lambda f: torch.save(state, f))
+
+
+def prune_checkpoints(run_dir: Path, keep: int = 2) -> None:
+    for step in checkpoint_steps(run_dir)[:-keep]:
+        (run_dir / f"checkpoint-{step:09d}.pt").unlink(missing_ok=True)
+
+
+def load_checkpoint(run_dir: Path, step: int, device: torch.device) -> dict[str, Any]:
+    return torch.load(run_dir / f"checkpoint-{step:09d}.pt", map_location=device, weights_only=True)
+
+
+def common_step(run_dirs: list[Path]) -> int:
+    """The newest checkpoint step every run of the sweep has."""
+    steps = [set(checkpoint_steps(d)) for d in run_dirs]
+    common = set.intersection(*steps) if steps else set()
+    if not common:
+        raise UserError(f"no checkpoint common to all runs of the sweep in {run_dirs[0].parent}; cannot resume")
+    return max(common)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics lines logged after `step` (they will be logged again by the resumed run)."""
+    path = run_dir / METRICS
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+        atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in lines).encode()))

@@ -1,0 +1,184 @@
+"""TrainConfig: what `sae train` runs, filled from pipeline.toml [train] / [[sweep]] and CLI flags.
+
+A sweep is the grid arch × (k | l0_coeff | l1_coeff) × dict_size, or an explicit list of [[sweep]]
+tables; every SAE of it is trained on the same single pass over the cache.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sae.config import check_keys
+from sae.errors import UserError
+
+ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
+NORMALIZATIONS = ("none", "standardize", "scale")
+PRECISIONS = ("fp32", "tf32", "bf16")
+SWEEP_KEYS = ("arch", "k", "dict_size", "l0_coeff", "l1_coeff")
+
+
+class SAESpec(NamedTuple):
+    """What differs between the SAEs of one sweep."""
+
+    arch: str
+    k: int
+    dict_size: int
+    l0_coeff: float
+    l1_coeff: float
+
+    @property
+    def name(self) -> str:
+        """Run directory name: arch, its sparsity knob and dict size, e.g. batchtopk_k32_m12288."""
+        knob = {"jumprelu": f"l0c{self.l0_coeff:g}", "relu": f"l1c{self.l1_coeff:g}"}.get(self.arch, f"k{self.k}")
+        return f"{self.arch}_{knob}_m{self.dict_size}"
+
+
+@dataclass
+class TrainConfig:
+    arch: tuple[str, ...] = ("batchtopk",)
+    """Architectures: batchtopk, topk, jumprelu, relu. Several make a sweep."""
+    k: tuple[int, ...] = (32,)
+    """Active latents per token for topk and batchtopk (batchtopk: on average over the batch)."""
+    dict_size: tuple[int, ...] = (12288,)
+    """Number of latents m."""
+    l0_coeff: tuple[float, ...] = (0.0018,)
+    """JumpReLU L0 penalty λ (paper, GPT-2 Small: 0.004 / 0.0018 / 0.0008 for L0 ≈ 16 / 32 / 64)."""
+    l1_coeff: tuple[float, ...] = (0.004,)
+    """ReLU L1 penalty λ on Σ f_i ‖W_dec_i‖."""
+    sweep: tuple[dict[str, Any], ...] = ()
+    """Explicit SAE list ([[sweep]] tables of arch/k/dict_size/l0_coeff/l1_coeff, scalars or lists);
+    when given it replaces the arch × k × dict_size grid above."""
+    layer: int | None = None
+    """Cache layer to train on; None: the cache's only layer."""
+    tokens: int | None = None
+    """Training tokens per SAE; None: one pass over the cache's training rows (paper: 1e9)."""
+    batch_size: int = 4096
+    """Activations per step (paper: 4096)."""
+    lr: float = 3e-4
+    betas: tuple[float, ...] = (0.9, 0.99)
+    """Adam betas (paper: 0.9, 0.99)."""
+    seed: int = 49
+    """Seeds the initialisation and the data order (the reference code's 49)."""
+    grad_clip: float = 1e5
+    """Gradient-norm clip (the reference code's 1e5: a guard against blow-ups, not a regulariser)."""
+    aux_k: int = 512
+    """AuxK: dead latents used to reconstruct the residual (Gao et al.: 512)."""
+    aux_coeff: float = 1 / 32
+    """AuxK loss coefficient α (Gao et al.: 1/32)."""
+    dead_tokens: int = 20_480
+    """A latent is dead once it has not fired for this many tokens (reference code: 5 batches of 4096)."""
+    bandwidth: float = 0.001
+    """JumpReLU straight-through-estimator rectangle width ε (paper: 0.001)."""
+    jumprelu_init_threshold: float = 1.0
+    """Initial JumpReLU threshold θ (reference code: log θ = 0; inputs are O(1) per dimension after
+    normalisation). The JumpReLU paper's 0.001 leaves L0 near m for thousands of steps at lr 3e-4."""
+    theta_tail: float = 0.1
+    """BatchTopK θ (eq. 7) is averaged over the batches of this final fraction of training, whose
+    activations match the final weights; earlier batches describe an encoder that no longer exists."""
+    normalize: str = "scale"
+    """Input normalisation: none; standardize (per sample, as the reference code; saved as SAELens
+    "layer_norm"); scale (one dataset-wide factor so E‖x‖ = √d, folded into the saved weights)."""
+    drop_bos: bool = False
+    """Leave rows of BOS tokens out of training (their norm is ~7x the rest in Llama-family models)."""
+    drop_first: bool = False
+    """Leave the first position of every context out of training (same reason as drop_bos)."""
+    drop_norm_quantile: float | None = None
+    """Also leave out rows whose norm is above this quantile (e.g. 0.999) of a sample of the rest."""
+    holdout_chunks: int = 1
+    """Last cache chunks kept out of training; each SAE reports FVU and L0 on them at the end."""
+    buffer_chunks: int = 32
+    """Chunks shuffled together in the loader's buffer (32 × 128 contexts by default)."""
+    loader_threads: int = 4
+    """Background threads decoding chunks."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    precision: str = "tf32"
+    """Matmul precision on CUDA: fp32, tf32, or bf16 autocast (weights and thresholds stay fp32)."""
+    sparse_decode: bool = True
+    """Decode (batch)topk latents with a gather over the k active rows of W_dec (embedding_bag),
+    not a dense [B, m] @ [m, d] matmul; False selects the dense reference path."""
+    compile: bool = False
+    """torch.compile the SAE forward (CUDA only)."""
+    log_every: int = 50
+    """Steps between metrics.jsonl lines and progress updates (the only host-device syncs)."""
+    checkpoint_every: int = 2000
+    """Steps between resumable checkpoints (also written at the end)."""
+    out: Path = field(default_factory=lambda: Path("runs"))
+    """Parent directory of the run directories."""
+    wandb: str | None = None
+    """W&B project to log to (needs `pip install wandb`); None: no W&B."""
+
+    def __post_init__(self) -> None:
+        for name in ("arch", "k", "dict_size", "l0_coeff", "l1_coeff", "betas", "sweep"):
+            setattr(self, name, tuple(getattr(self, name)))
+        _check_choice("normalize", self.normalize, NORMALIZATIONS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        for name in ("batch_size", "aux_k", "dead_tokens", "buffer_chunks", "loader_threads", "log_every"):
+            _check_positive(name, getattr(self, name))
+        for name in ("lr", "bandwidth", "jumprelu_init_threshold", "grad_clip", "checkpoint_every"):
+            _check_positive(name, getattr(self, name))
+        if self.tokens is not None:
+            _check_positive("tokens", self.tokens)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not 0 < self.theta_tail <= 1:
+            raise UserError(f"theta_tail must be in (0, 1], got {self.theta_tail}")
+        if self.drop_norm_quantile is not None and not 0 < self.drop_norm_quantile < 1:
+            raise UserError(f"drop_norm_quantile must be in (0, 1), got {self.drop_norm_quantile}")
+        if self.holdout_chunks < 0:
+            raise UserError(f"holdout_chunks must be >= 0, got {self.holdout_chunks}")
+        self.specs()  # validates every SAE of the sweep
+
+    def specs(self) -> list[SAESpec]:
+        """The SAEs of this sweep, in a fixed order, each validated."""
+        tables = self.sweep or ({"arch": self.arch, "k": self.k, "dict_size": self.dict_size},)
+        specs = [spec for table in tables for spec in _expand(table, self)]
+        if not specs:
+            raise UserError("the sweep is empty; give at least one --arch")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise UserError(f"the sweep repeats an SAE: {sorted(n for n in names if names.count(n) > 1)[0]}")
+        return specs
+
+
+def _expand(table: dict[str, Any], cfg: TrainConfig) -> list[SAESpec]:
+    """One [[sweep]] table (or the [train] grid) as SAESpecs; only the knob of each arch is crossed."""
+    check_keys(table, list(SWEEP_KEYS), "[[sweep]]")
+    axes = {key: _as_tuple(table.get(key, getattr(cfg, key))) for key in SWEEP_KEYS}
+    specs = []
+    for arch in axes["arch"]:
+        if arch not in ARCHS:
+            raise UserError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
+        knob = {"jumprelu": "l0_coeff", "relu": "l1_coeff"}.get(arch, "k")
+        for value, dict_size in itertools.product(axes[knob], axes["dict_size"]):
+            spec = SAESpec(arch, axes["k"][0], dict_size, axes["l0_coeff"][0], axes["l1_coeff"][0])
+            specs.append(_check_spec(spec._replace(**{knob: value})))
+    return specs
+
+
+def _check_spec(spec: SAESpec) -> SAESpec:
+    if not isinstance(spec.dict_size, int) or spec.dict_size <= 0:
+        raise UserError(f"dict_size must be a positive integer, got {spec.dict_size}")
+    if not isinstance(spec.k, int) or spec.k <= 0:
+        raise UserError(f"k must be a positive integer, got {spec.k}")
+    if spec.arch in ("topk", "batchtopk") and spec.k > spec.dict_size:
+        raise UserError(f"k={spec.k} exceeds dict_size={spec.dict_size}; k must be at most the dictionary size")
+    for name in ("l0_coeff", "l1_coeff"):
+        if getattr(spec, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(spec, name)}")
+    return spec
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {name} '{value}'; choose from {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{name} must be positive, got {value}")

@@ -1,0 +1,152 @@
+"""Shuffled training batches from the activation cache.
+
+An epoch visits the training chunks in a seeded random order (rank r of a world of W takes every
+W-th), `buffer_chunks` at a time: a block. Background threads decode the next block's chunks while
+the current one is served; a block's kept rows are drawn in a seeded random permutation, batch by
+batch. A position (epoch, block, batch) fixes everything that follows, so it is the whole resume
+state. A block's last rows that do not fill a batch are skipped (< 1 batch per block).
+"""
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sae.cache.store import Cache
+from sae.errors import UserError
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Rows left out of training; recorded in cfg.json."""
+
+    drop_bos: bool = False
+    drop_first: bool = False
+    max_norm: float | None = None
+    bos_token_id: int | None = None
+
+    def keep(self, tokens_CT: np.ndarray, acts_RD: torch.Tensor) -> torch.Tensor | None:
+        """Bool mask [R] of rows to keep, or None to keep all."""
+        if not (self.drop_bos or self.drop_first or self.max_norm is not None):
+            return None
+        keep_CT = np.ones(tokens_CT.shape, dtype=bool)
+        if self.drop_first:
+            keep_CT[:, 0] = False
+        if self.drop_bos and self.bos_token_id is not None:
+            keep_CT &= tokens_CT != self.bos_token_id
+        keep_R = torch.from_numpy(keep_CT.reshape(-1))
+        if self.max_norm is not None:
+            keep_R &= acts_RD.float().norm(dim=1) <= self.max_norm
+        return keep_R
+
+
+def read_rows(cache: Cache, layer: int, chunk: int, row_filter: RowFilter) -> torch.Tensor:
+    """A chunk's kept rows [R', d] in the storage dtype."""
+    acts_RD = cache.read_acts(layer, chunk)
+    keep_R = row_filter.keep(cache.read_tokens(chunk), acts_RD)
+    return acts_RD if keep_R is None else acts_RD[keep_R]
+
+
+class Loader:
+    """Iterate to get [batch_size, d] float32 batches on `device`; `position` is the resume state."""
+
+    def __init__(self, cache: Cache, layer: int, chunks: list[int], batch_size: int, seed: int,
+                 row_filter: RowFilter = RowFilter(), buffer_chunks: int = 32, threads: int = 4,
+                 device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
+                 position: dict | None = None):  # fmt: skip
+        per_rank = len(chunks) // world  # equal shares keep ranks in step
+        if per_rank == 0:
+            raise UserError(f"{len(chunks)} training chunks cannot be shared by {world} ranks; harvest more")
+        self.cache, self.layer, self.chunks, self.batch_size = cache, layer, sorted(chunks), batch_size
+        self.seed, self.row_filter, self.buffer_chunks = seed, row_filter, buffer_chunks
+        self.rank, self.world, self.per_rank, self.device = rank, world, per_rank, device
+        self.position = dict(position or {"epoch": 0, "block": 0, "batch": 0})
+        self.reads = 0  # chunks read, for the one-read-per-batch test and the benchmark
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sae-chunk")
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def block_chunks(self, epoch: int, block: int) -> list[int]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
+        share = order[self.rank : self.per_rank * self.world : self.world]
+        return share[block * self.buffer_chunks : (block + 1) * self.buffer_chunks].tolist()
+
+    def n_blocks(self) -> int:
+        return -(-self.per_rank // self.buffer_chunks)
+
+    def _blocks(self) -> Iterator[tuple[int, int, list]]:
+        """(epoch, block, futures of its chunks' rows), the next block's reads already submitted."""
+        epoch, block = self.position["epoch"], self.position["block"]
+        futures = self._submit(epoch, block)
+        while not self._stop.is_set():
+            nxt_epoch, nxt_block, _ = self._after(epoch, block)
+            nxt_futures = self._submit(nxt_epoch, nxt_block)
+            self.reads += len(futures)
+            yield epoch, block, futures
+            epoch, block, futures = nxt_epoch, nxt_block, nxt_futures
+
+    def _submit(self, epoch: int, block: int) -> list:
+        args = (self.cache, self.layer)
+        return [self._pool.submit(read_rows, *args, c, self.row_filter) for c in self.block_chunks(epoch, block)]
+
+    def _produce(self) -> None:
+        """Producer thread: gathers batches (into pinned memory on CUDA) and queues them in order."""
+        pinned = self.device.type == "cuda"
+        first_batch, empty_blocks = self.position["batch"], 0
+        try:
+            for epoch, block, futures in self._blocks():
+                rows_RD = torch.cat([f.result() for f in futures])
+                n_batches = len(rows_RD) // self.batch_size
+                empty_blocks = 0 if n_batches else empty_blocks + 1
+                if empty_blocks > self.n_blocks():
+                    raise UserError(
+                        f"no training batch of {self.batch_size} rows fits the kept rows; lower --batch-size"
+                    )
+                perm_R = torch.from_numpy(np.random.default_rng([self.seed, epoch, block, 1]).permutation(len(rows_RD)))
+                for batch in range(first_batch, n_batches):
+                    idx = perm_R[batch * self.batch_size : (batch + 1) * self.batch_size]
+                    x_BD = torch.empty((len(idx), rows_RD.shape[1]), dtype=rows_RD.dtype, pin_memory=pinned)
+                    torch.index_select(rows_RD, 0, idx, out=x_BD)
+                    nxt = (epoch, block, batch + 1) if batch + 1 < n_batches else self._after(epoch, block)
+                    self._put((x_BD, nxt))
+                    if self._stop.is_set():
+                        return
+                first_batch = 0
+        except BaseException as e:  # surfaced in the consumer, which re-raises it
+            self._put((e, None))
+
+    def _after(self, epoch: int, block: int) -> tuple[int, int, int]:
+        return (epoch, block + 1, 0) if block + 1 < self.n_blocks() else (epoch + 1, 0, 0)
+
+    def _put(self, item: tuple) -> None:
+        while not self._stop.is_set():
+            try:
+                return self._queue.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, daemon=True, name="sae-loader")
+            self._thread.start()
+        x_BD, nxt = self._queue.get()
+        if isinstance(x_BD, BaseException):
+            raise x_BD
+        self.position = dict(zip(("epoch", "block", "batch"), nxt, strict=True))
+        # A pinned host tensor lets the copy overlap compute; each batch has its own pinned buffer
+        # (recycled by torch's caching host allocator only once the copy is done).
+        return x_BD.to(self.device, non_blocking=True).float()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,269 @@
+"""The sparse autoencoder: one module, four activations (batchtopk, topk, jumprelu, relu).
+
+    pre_BM  = ReLU((x_BD − b_dec) @ W_enc_DM + b_enc)    the activation picks which entries survive
+    recon   = f_BM @ W_dec_MD + b_dec                     W_dec rows (latent directions) unit-norm
+
+Equations and defaults follow ../shared/paper/notes.md. Parameters use SAELens's names and layouts
+(W_enc [d, m], W_dec [m, d]), so saving is a rename-free copy.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sae.train.config import SAESpec
+
+TOPK_ARCHS = ("topk", "batchtopk")
+
+
+class Active(NamedTuple):
+    """The latents kept by (Batch)TopK as a row-sorted sparse list of N entries."""
+
+    rows_N: Tensor
+    cols_N: Tensor
+    acts_N: Tensor
+    """Kept activations; carries the gradient back to the encoder."""
+    offsets_B: Tensor
+    """Start of each row's entries in the lists (embedding_bag's offsets)."""
+
+
+class SAEOutput(NamedTuple):
+    recon_BD: Tensor
+    """Reconstruction of the (normalised) input."""
+    latents: "Active | Tensor"
+    """Latents in training form (batchtopk: top-k over the batch): the kept entries as an Active list
+    for (batch)topk, never densified in the hot loop; a dense [B, m] matrix for jumprelu and relu."""
+    l0_B: Tensor
+    """Active latents per row."""
+    fired_M: Tensor
+    """Which latents fired in this batch."""
+    mse: Tensor
+    """Mean over all B·d elements of (x − x̂)², the reference code's L2 loss (sets λ's scale)."""
+    sparsity: Tensor
+    """λ · penalty: L1 (relu), straight-through L0 (jumprelu); 0 for (batch)topk."""
+    aux: Tensor
+    """α · AuxK loss (topk, batchtopk) while some latent is dead, else 0."""
+    loss: Tensor
+    """mse + sparsity + aux: what is minimised."""
+
+
+def select_topk(pre_BM: Tensor, k: int) -> Active:
+    """The k largest entries of each row."""
+    B, M = pre_BM.shape
+    top = pre_BM.topk(k, dim=1, sorted=False)
+    rows_N = torch.arange(B, device=pre_BM.device).repeat_interleave(k)
+    offsets_B = torch.arange(0, B * k, k, device=pre_BM.device)
+    return Active(rows_N, top.indices.flatten(), top.values.flatten(), offsets_B)
+
+
+def select_batchtopk(pre_BM: Tensor, k: int) -> Active:
+    """The B·k largest entries of the whole batch matrix (paper eq. 6), sorted by row."""
+    B, M = pre_BM.shape
+    top = pre_BM.flatten().topk(B * k, sorted=False)
+    # Sorted as float64 (exact below 2^53): torch 2.13's CPU int64 sort took 170 ms for 32k indices,
+    # the float64 one 3.5 ms.
+    flat_f, order_N = top.indices.double().sort()
+    flat_N = flat_f.long()
+    rows_N = flat_N // M
+    counts_B = torch.bincount(rows_N, minlength=B)
+    return Active(rows_N, flat_N % M, top.values[order_N], counts_B.cumsum(0) - counts_B)
+
+
+def decode_sparse(active: Active, W_dec_MD: Tensor) -> Tensor:
+    """Σ_j f_bj W_dec[j] over the kept entries only: B·k·d work instead of B·m·d."""
+    return F.embedding_bag(active.cols_N, W_dec_MD, active.offsets_B, mode="sum", per_sample_weights=active.acts_N)
+
+
+def densify(active: Active, B: int, M: int) -> Tensor:
+    """The kept entries as a dense [B, M] matrix (differentiable in acts_N)."""
+    dense_BM = active.acts_N.new_zeros(B, M)
+    return dense_BM.index_put((active.rows_N, active.cols_N), active.acts_N)
+
+
+def decode_dense(active: Active, W_dec_MD: Tensor) -> Tensor:
+    """The reference path: scatter to a dense [B, m] matrix and multiply; the parity test's baseline."""
+    return densify(active, len(active.offsets_B), W_dec_MD.shape[0]) @ W_dec_MD
+
+
+class JumpReLU(torch.autograd.Function):
+    """z · H(z − θ) with θ = exp(log_θ); θ's gradient through a rectangle kernel (JumpReLU paper)."""
+
+    @staticmethod
+    def forward(ctx, z_BM: Tensor, log_theta_M: Tensor, bandwidth: float) -> Tensor:
+        theta_M = log_theta_M.exp()
+        ctx.save_for_backward(z_BM, theta_M)
+        ctx.bandwidth = bandwidth
+        return z_BM * (z_BM > theta_M)
+
+    @staticmethod
+    def backward(ctx, grad_BM: Tensor) -> tuple[Tensor, Tensor, None]:
+        z_BM, theta_M = ctx.saved_tensors
+        in_window_BM = ((z_BM - theta_M).abs() < ctx.bandwidth / 2).to(grad_BM.dtype)
+        # d/dθ of z·H(z−θ) ≈ −(θ/ε)·rect((z−θ)/ε) (z = θ inside the window); × θ since we learn log θ
+        grad_log_theta_M = -(theta_M / ctx.bandwidth) * (in_window_BM * grad_BM * theta_M).sum(0)
+        return grad_BM * (z_BM > theta_M), grad_log_theta_M, None
+
+
+class StepL0(torch.autograd.Function):
+    """Σ_i H(z_i − θ_i) per row, θ's gradient through the same rectangle kernel; no gradient to z."""
+
+    @staticmethod
+    def forward(ctx, z_BM: Tensor, log_theta_M: Tensor, bandwidth: float) -> Tensor:
+        theta_M = log_theta_M.exp()
+        ctx.save_for_backward(z_BM, theta_M)
+        ctx.bandwidth = bandwidth
+        return (z_BM > theta_M).to(z_BM.dtype).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_B: Tensor) -> tuple[None, Tensor, None]:
+        z_BM, theta_M = ctx.saved_tensors
+        in_window_BM = ((z_BM - theta_M).abs() < ctx.bandwidth / 2).to(grad_B.dtype)
+        # d/dθ of H(z−θ) ≈ −(1/ε)·rect((z−θ)/ε); × θ since we learn log θ
+        grad_log_theta_M = -(theta_M / ctx.bandwidth) * (in_window_BM * grad_B[:, None]).sum(0)
+        return None, grad_log_theta_M, None
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, spec: SAESpec, d_in: int, aux_k: int = 512, aux_coeff: float = 1 / 32,
+                 dead_tokens: int = 20_480, bandwidth: float = 0.001, init_threshold: float = 1.0,
+                 sparse_decode: bool = True):  # fmt: skip
+        super().__init__()
+        self.spec, self.d_in, self.m = spec, d_in, spec.dict_size
+        self.aux_k, self.aux_coeff, self.dead_tokens = aux_k, aux_coeff, dead_tokens
+        self.bandwidth, self.sparse_decode = bandwidth, sparse_decode
+        # The reference code's init: kaiming-uniform W_enc, W_dec its transpose with unit-norm rows.
+        self.W_enc = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d_in, self.m)))
+        self.b_enc = nn.Parameter(torch.zeros(self.m))
+        self.W_dec = nn.Parameter(self.W_enc.detach().t().contiguous())
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.normalize_decoder()
+        if spec.arch == "jumprelu":  # fp32 even under autocast: θ ~ 1e-3 moves by ε-sized steps
+            self.log_threshold = nn.Parameter(torch.full((self.m,), math.log(init_threshold)))
+        # Tokens since each latent last fired (AuxK's dead set), and eq. 7's running sum and count.
+        self.register_buffer("tokens_since_fired_M", torch.zeros(self.m, dtype=torch.long))
+        self.register_buffer("theta_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("theta_count", torch.zeros((), dtype=torch.long))
+        # AuxK runs only while some latent is dead; the trainer refreshes this at its sync points so
+        # the hot loop never waits on the device to decide.
+        self.aux_on = False
+
+    # -- inference form: per-sample, batch-independent (what is saved and evaluated) --------------
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        # = ReLU((x − b_dec) W_enc + b_enc), written so that autograd never forms the [B, d] input
+        # gradient (a third B·m·d matmul) only to sum it into b_dec's: b_dec W_enc is one [m] vector.
+        return F.relu(x_BD @ self.W_enc - self.b_dec @ self.W_enc + self.b_enc)
+
+    def threshold_M(self) -> Tensor:
+        """Per-latent inference threshold: BatchTopK's θ (eq. 7) broadcast, JumpReLU's exp(log θ)."""
+        if self.spec.arch == "jumprelu":
+            return self.log_threshold.detach().exp()
+        theta = self.theta_sum / self.theta_count.clamp(min=1)
+        return theta.float().expand(self.m)
+
+    def encode(self, x_BD: Tensor, batch_mode: bool = False) -> Tensor:
+        """Dense latents [B, m]; BatchTopK runs as JumpReLU with its scalar θ, or, in batch_mode, in
+        its training form (the B·k largest activations of this batch together)."""
+        pre_BM = self.pre_acts(x_BD)
+        if self.spec.arch == "topk" or (batch_mode and self.spec.arch == "batchtopk"):
+            select = select_topk if self.spec.arch == "topk" else select_batchtopk
+            return densify(select(pre_BM, self.spec.k), *pre_BM.shape)
+        if self.spec.arch in ("batchtopk", "jumprelu"):
+            return pre_BM * (pre_BM > self.threshold_M())
+        return pre_BM
+
+    def decode(self, latents_BM: Tensor) -> Tensor:
+        return latents_BM @ self.W_dec + self.b_dec
+
+    # -- training form ---------------------------------------------------------------------------
+    def forward(self, x_BD: Tensor) -> SAEOutput:
+        B = x_BD.shape[0]
+        pre_BM = self.pre_acts(x_BD)
+        zero = pre_BM.new_zeros(())
+        sparsity = aux = zero
+        if self.spec.arch in TOPK_ARCHS:
+            select = select_topk if self.spec.arch == "topk" else select_batchtopk
+            active = select(pre_BM, self.spec.k)
+            decode = decode_sparse if self.sparse_decode else decode_dense
+            recon_BD = decode(active, self.W_dec) + self.b_dec
+            latents, fired_N = active, (active.acts_N > 0).detach()
+            l0_B = torch.zeros(B, device=x_BD.device).index_add_(0, active.rows_N, fired_N.float())
+            fired_M = torch.zeros(self.m, dtype=torch.bool, device=x_BD.device).index_fill_(
+                0, active.cols_N[fired_N], True
+            )
+            if self.aux_on:
+                aux = self.aux_coeff * self.auxk_loss(x_BD, recon_BD, pre_BM)
+            if self.training and self.spec.arch == "batchtopk":
+                self._track_theta(active.acts_N.detach())
+        else:
+            if self.spec.arch == "jumprelu":
+                latents_BM = JumpReLU.apply(pre_BM.float(), self.log_threshold, self.bandwidth)
+                l0_B = StepL0.apply(pre_BM.float(), self.log_threshold, self.bandwidth)
+                sparsity = self.spec.l0_coeff * l0_B.mean()
+            else:
+                latents_BM = pre_BM
+                sparsity = self.spec.l1_coeff * (latents_BM * self.W_dec.norm(dim=1)).sum(1).mean()
+            recon_BD = self.decode(latents_BM)
+            latents = latents_BM.detach()
+            l0_B, fired_M = (latents > 0).sum(1).float(), (latents > 0).any(0)
+        mse = (recon_BD.float() - x_BD.float()).square().mean()
+        if self.training:
+            self.tokens_since_fired_M.add_(B).masked_fill_(fired_M, 0)
+        return SAEOutput(recon_BD, latents, l0_B, fired_M, mse, sparsity, aux, mse + sparsity + aux)
+
+    def auxk_loss(self, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor) -> Tensor:
+        """Gao et al.: reconstruct the residual from the aux_k largest dead latents (no b_dec)."""
+        dead_M = self.tokens_since_fired_M >= self.dead_tokens
+        active = select_topk(pre_BM * dead_M, min(self.aux_k, self.m))  # live latents score 0 and add nothing
+        decode = decode_sparse if self.sparse_decode else decode_dense
+        residual_BD = (x_BD - recon_BD).detach()
+        return (decode(active, self.W_dec).float() - residual_BD.float()).square().mean()
+
+    @torch.no_grad()
+    def _track_theta(self, kept_N: Tensor) -> None:
+        """Eq. 7's term for this batch: the smallest positive activation BatchTopK kept."""
+        smallest = torch.where(kept_N > 0, kept_N, torch.inf).min()
+        found = torch.isfinite(smallest)
+        self.theta_sum.add_(torch.where(found, smallest, 0).double())
+        self.theta_count.add_(found.long())
+
+    def reset_theta(self) -> None:
+        self.theta_sum.zero_()
+        self.theta_count.zero_()
+
+    def dead_fraction(self) -> Tensor:
+        return (self.tokens_since_fired_M >= self.dead_tokens).float().mean()
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component along each unit-norm decoder row (it only changes the norm)."""
+        if self.W_dec.grad is not None:
+            along_M1 = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+            self.W_dec.grad.sub_(along_M1 * self.W_dec)
+
+    def get_extra_state(self) -> dict:
+        return {"aux_on": self.aux_on}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.aux_on = state["aux_on"]
+
+
+def normalize_input(x_BD: Tensor, mode: str, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_n, mult, shift) with raw x ≈ x_n · mult + shift; modes as in TrainConfig.normalize.
+
+    "standardize" is the reference code's per-sample standardisation and SAELens's "layer_norm"
+    (whose output side multiplies by the std without the epsilon, as here)."""
+    x_BD = x_BD.float()
+    if mode == "standardize":
+        mean_B1 = x_BD.mean(dim=1, keepdim=True)
+        std_B1 = (x_BD - mean_B1).std(dim=1, keepdim=True)
+        return (x_BD - mean_B1) / (std_B1 + 1e-5), std_B1, mean_B1
+    if mode == "scale":
+        return x_BD * scale, x_BD.new_tensor(1 / scale), x_BD.new_zeros(())
+    return x_BD, x_BD.new_ones(()), x_BD.new_zeros(())

@@ -1,0 +1,247 @@
+"""The training loop: every SAE of a sweep steps on the same batch, read once from the cache.
+
+Host-device syncs happen only every `log_every` steps (metrics, the NaN check, AuxK's dead set) and
+at checkpoints, so on a GPU the loop runs ahead of the device. Under torchrun each rank reads its
+own share of the chunks and gradients are averaged (gloo on CPU, NCCL on GPU); rank 0 writes.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sae.cache.store import Cache, open_cache
+from sae.config import to_jsonable
+from sae.errors import UserError
+from sae.progress import make_progress
+from sae.train.checkpoint import (
+    METRICS,
+    common_step,
+    load_checkpoint,
+    prepare_run_dir,
+    prune_checkpoints,
+    run_cfg,
+    save_checkpoint,
+    save_run,
+    truncate_metrics,
+    write_json,
+)
+from sae.train.config import TrainConfig
+from sae.train.heldout import evaluate_heldout, input_setup
+from sae.train.loader import Loader
+from sae.train.sae import SparseAutoencoder, normalize_input
+from sae.versions import library_versions
+
+METRIC_NAMES = ("loss", "mse", "sparsity", "aux", "l0")
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def configure_backend(device: torch.device, precision: str) -> None:
+    """CUDA: select the device; TF32 matmuls unless fp32 was asked for. CPU: nothing to set."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+
+
+def pick_layer(cfg: TrainConfig, cache: Cache) -> int:
+    if cfg.layer is None:
+        if len(cache.layers) > 1:
+            raise UserError(f"cache {cache.path} holds layers {cache.layers}; choose one with --layer")
+        return cache.layers[0]
+    if cfg.layer not in cache.layers:
+        raise UserError(f"layer {cfg.layer} is not in cache {cache.path} (it holds {cache.layers})")
+    return cfg.layer
+
+
+def make_sae(cfg: TrainConfig, spec, d_in: int, device: torch.device) -> SparseAutoencoder:
+    torch.manual_seed(cfg.seed)  # every SAE starts from the reference code's seed
+    return SparseAutoencoder(
+        spec, d_in, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff, dead_tokens=cfg.dead_tokens,
+        bandwidth=cfg.bandwidth, init_threshold=cfg.jumprelu_init_threshold, sparse_decode=cfg.sparse_decode,
+    ).to(device)  # fmt: skip
+
+
+def make_optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Adam:
+    fused = sae.W_enc.is_cuda  # one kernel for all parameters instead of a loop over them
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+
+
+def train_step(sae: torch.nn.Module, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int):
+    """One optimiser step of one SAE; `model` is the SAE or its torch.compile wrapper."""
+    with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = model(x_BD)
+    out.loss.backward()
+    if world > 1:  # data parallel: average the gradients over ranks in one collective
+        grads = [p.grad for p in sae.parameters()]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for g, avg in zip(grads, (flat / world).split([g.numel() for g in grads]), strict=True):
+            g.copy_(avg.view_as(g))
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip, foreach=True)
+    sae.project_decoder_grad()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sae.normalize_decoder()
+    return out
+
+
+def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> list[Path]:
+    """Train every SAE of cfg's sweep on one pass over the cache; returns their run directories."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    configure_backend(device, cfg.precision)
+    cache = open_cache(cache_path)
+    layer = pick_layer(cfg, cache)
+    specs = cfg.specs()
+    run_dirs = [Path(cfg.out) / s.name for s in specs]
+    train_chunks = list(range(cache.n_chunks - cfg.holdout_chunks))
+    train_rows = sum(cache.contexts_in_chunk(c) for c in train_chunks) * cache.ctx_len
+    if not train_chunks:
+        raise UserError(f"cache {cache.path} has {cache.n_chunks} chunk(s), all held out; lower --holdout-chunks")
+    tokens = cfg.tokens or train_rows
+    if tokens > train_rows:
+        raise UserError(
+            f"cache {cache.path} has {train_rows:,} training rows ({cache.rows:,} committed, "
+            f"{cfg.holdout_chunks} chunk(s) held out), fewer than the {tokens:,} tokens asked; "
+            f"harvest more (sae harvest --tokens N) or lower --tokens"
+        )
+    steps = max(1, tokens // (cfg.batch_size * world))
+    scale, row_filter, input_record = input_setup(cfg, cache, layer, train_chunks)
+
+    saes = [make_sae(cfg, spec, cache.d_model, device) for spec in specs]
+    opts = [make_optimizer(cfg, sae) for sae in saes]
+    models = [torch.compile(s) if cfg.compile else s for s in saes]
+    start, position = 0, None
+    if resume:
+        start = common_step(run_dirs)
+        for run_dir, sae, opt in zip(run_dirs, saes, opts, strict=True):
+            state = load_checkpoint(run_dir, start, device)
+            if state["d_in"] != cache.d_model:
+                raise UserError(
+                    f"cache {cache.path} has d_model={cache.d_model} but the run {run_dir} was trained "
+                    f"with d_in={state['d_in']}; resume it on the cache it was trained on"
+                )
+            sae.load_state_dict(state["sae"])
+            opt.load_state_dict(state["optim"])
+            position = state["loader"][rank]
+            if rank == 0:
+                truncate_metrics(run_dir, start)
+    elif rank == 0:
+        for run_dir in run_dirs:
+            prepare_run_dir(run_dir, resume=False)
+    loader = Loader(
+        cache, layer, train_chunks, cfg.batch_size, cfg.seed, row_filter, cfg.buffer_chunks,
+        cfg.loader_threads, device, rank, world, position,
+    )  # fmt: skip
+
+    def cfg_json(i: int, step: int) -> dict:
+        return {
+            **run_cfg(saes[i], cfg.normalize == "standardize", cache, layer),
+            "step": step,
+            "tokens": step * cfg.batch_size * world,
+            "input": input_record,
+            "train_config": to_jsonable(cfg),
+            "versions": library_versions(),
+        }
+
+    def checkpoint(step: int) -> None:
+        positions = [None] * world
+        if world > 1:
+            dist.all_gather_object(positions, loader.position)
+        else:
+            positions = [loader.position]
+        if rank != 0:
+            return
+        for i, (run_dir, sae, opt) in enumerate(zip(run_dirs, saes, opts, strict=True)):
+            state = {"step": step, "d_in": sae.d_in, "sae": sae.state_dict(), "optim": opt.state_dict()}
+            save_checkpoint(run_dir, step, {**state, "loader": positions})
+            save_run(run_dir, sae, scale, cfg_json(i, step))
+        for run_dir in run_dirs:
+            prune_checkpoints(run_dir)
+
+    wandb_run = _wandb(cfg, [s.name for s in specs]) if rank == 0 else None
+    sums = torch.zeros(len(saes), len(METRIC_NAMES), device=device)
+    theta_start = int(steps * (1 - cfg.theta_tail))
+    last_sync, last_time = start, time.perf_counter()
+    progress = make_progress("tok")
+    progress.disable = rank != 0
+    try:
+        with progress:
+            task = progress.add_task(f"train {len(saes)} SAE(s)", total=steps * cfg.batch_size * world, status="")
+            progress.update(task, completed=start * cfg.batch_size * world)
+            for step in range(start, steps):
+                x_BD, _, _ = normalize_input(next(loader), cfg.normalize, scale)
+                for i, (sae, model, opt) in enumerate(zip(saes, models, opts, strict=True)):
+                    if step == theta_start:
+                        sae.reset_theta()
+                    out = train_step(sae, model, opt, x_BD, cfg, world)
+                    terms = (out.loss, out.mse, out.sparsity, out.aux, out.l0_B.mean())
+                    sums[i] += torch.stack([t.detach().float() for t in terms])
+                done = step + 1
+                if done % cfg.log_every and done % cfg.checkpoint_every and done != steps:
+                    continue
+                # Sync point: metrics, the NaN check (before any checkpoint), AuxK's dead set.
+                now = time.perf_counter()
+                means = (sums / (done - last_sync)).tolist()
+                sums.zero_()
+                tok_s = (done - last_sync) * cfg.batch_size * world / (now - last_time)
+                last_sync, last_time = done, now
+                status = []
+                for i, (run_dir, sae) in enumerate(zip(run_dirs, saes, strict=True)):
+                    record = dict(zip(METRIC_NAMES, means[i], strict=True))
+                    if not all(map(_finite, means[i])):
+                        raise UserError(
+                            f"loss became NaN/inf in {run_dir.name} before step {done}; training stopped and "
+                            f"its last good checkpoint is kept in {run_dir}; try a lower --lr"
+                        )
+                    dead = float(sae.dead_fraction())
+                    sae.aux_on = dead > 0
+                    record.update(step=done, tokens=done * cfg.batch_size * world, dead_frac=dead, tokens_per_s=tok_s)
+                    status.append(f"{run_dir.name}: loss {record['loss']:.4g} L0 {record['l0']:.1f}")
+                    if rank == 0:
+                        with open(run_dir / METRICS, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        if wandb_run is not None:
+                            wandb_run.log({f"{run_dir.name}/{k}": v for k, v in record.items()}, step=done)
+                progress.update(task, completed=done * cfg.batch_size * world, status=" | ".join(status))
+                if done % cfg.checkpoint_every == 0 or done == steps:
+                    checkpoint(done)
+    finally:
+        loader.close()
+    if rank == 0 and cfg.holdout_chunks:
+        held_chunks = list(range(cache.n_chunks - cfg.holdout_chunks, cache.n_chunks))
+        for i, (run_dir, sae) in enumerate(zip(run_dirs, saes, strict=True)):
+            heldout = evaluate_heldout(sae, cache, layer, held_chunks, cfg, scale, row_filter, device)
+            write_json(run_dir / "cfg.json", {**cfg_json(i, steps), "heldout": heldout})
+            with open(run_dir / METRICS, "a") as f:
+                f.write(json.dumps({"step": steps, "heldout": heldout}) + "\n")
+    if wandb_run is not None:
+        wandb_run.finish()
+    return run_dirs
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+def _wandb(cfg: TrainConfig, names: list[str]):
+    if cfg.wandb is None:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project=cfg.wandb, config={**to_jsonable(cfg), "runs": names})
