@@ -55,6 +55,8 @@ def _resolve_source(model_id: str) -> tuple[str, dict, list[Path] | None]:
         directory = Path(spec.submodule_search_locations[0])
         return str(directory), {"gguf_file": gguf_file}, [directory / gguf_file]
     path = Path(model_id)
+    if not path.exists() and (model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1):
+        raise UserError(f"cannot load model '{model_id}': no such model directory (nor a hub id)")
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
             raise UserError(f"model path {path} is not a transformers model directory (no config.json)")

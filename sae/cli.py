@@ -8,10 +8,15 @@ import typer
 
 from sae.cache.cli import cache_app
 from sae.errors import UserError
+from sae.evaluate.cli import compare_command, eval_command
 from sae.harvest.cli import harvest_command
+from sae.train.cli import train_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 app.command("harvest")(harvest_command)
+app.command("train")(train_command)
+app.command("eval")(eval_command)
+app.command("compare")(compare_command)
 app.add_typer(cache_app, name="cache")
 
 

@@ -7,16 +7,21 @@ import pytest
 
 from sae.config import parse_count, parse_ints, read_pipeline_toml, stage_config, to_jsonable
 from sae.errors import UserError
+from sae.evaluate.config import EvalConfig
 from sae.harvest.config import HarvestConfig
+from sae.train.config import TrainConfig
 
 PIPELINE_TOML = Path(__file__).parent.parent / "pipeline.toml"
 
 
-def test_pipeline_toml_equals_the_dataclass_defaults():
-    table = read_pipeline_toml(PIPELINE_TOML)["harvest"]
-    defaults = to_jsonable(HarvestConfig())
+@pytest.mark.parametrize(
+    "section, config_class", [("harvest", HarvestConfig), ("train", TrainConfig), ("eval", EvalConfig)]
+)
+def test_pipeline_toml_equals_the_dataclass_defaults(section, config_class):
+    table = read_pipeline_toml(PIPELINE_TOML)[section]
+    defaults = to_jsonable(config_class())
     assert {k: defaults[k] for k in table} == table
-    assert set(defaults) - set(table) <= {"dataset_config", "cache_dir"}  # the two that default to None
+    assert all(defaults[k] in (None, []) for k in set(defaults) - set(table))  # only empty defaults left out
 
 
 def test_a_typo_names_the_key_and_the_closest_one(tmp_path):

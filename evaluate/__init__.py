@@ -1,0 +1,1 @@
+"""Evaluation: splice SAE reconstructions into the LM on held-out text; metrics, plots, reports."""

@@ -1,0 +1,86 @@
+"""`sae compare`: evaluated runs side by side, a table (markdown + CSV) and the paper's Figure 1 plots."""
+
+import csv
+import json
+from pathlib import Path
+
+from sae.errors import UserError
+from sae.evaluate.plots import metric_vs_l0
+from sae.evaluate.report import EVAL_JSON
+from sae.train.sae import TOPK_ARCHS
+
+TABLE_MD, TABLE_CSV = "table.md", "table.csv"
+NMSE_PNG, CE_PNG = "nmse_vs_l0.png", "ce_degradation_vs_l0.png"
+RUN_COLUMNS = ("name", "arch", "dict_size", "k")
+METRIC_COLUMNS = (
+    "l0_mean", "nmse", "fvu", "nmse_standardized", "nmse_excl_bos", "ce_degradation", "ce_recovered_zero",
+    "ce_recovered_mean", "kl",
+)  # fmt: skip
+COUNT_COLUMNS = ("dead_latents", "dense_latents", "n_tokens")
+
+
+def load_results(run_dirs: list[Path]) -> list[dict]:
+    results = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / EVAL_JSON
+        if not path.is_file():
+            raise UserError(f"run {run_dir} has no {EVAL_JSON}; evaluate it first with `sae eval {run_dir}`")
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def table_rows(results: list[dict]) -> list[dict]:
+    """One flat row per run, sorted by architecture, dictionary size and L0."""
+    rows = []
+    for r in results:
+        row = {c: r["run"].get(c) for c in RUN_COLUMNS}
+        if r["run"]["arch"] not in TOPK_ARCHS:
+            row["k"] = None  # k is not a knob of jumprelu and relu
+        for c in METRIC_COLUMNS:
+            row[c], row[f"{c}_stderr"] = r.get(c), r.get(f"{c}_stderr")
+        row.update({c: r.get(c) for c in COUNT_COLUMNS})
+        rows.append(row)
+    return sorted(rows, key=lambda row: (row["arch"], row["dict_size"], row["l0_mean"]))
+
+
+def _markdown(rows: list[dict], note: str) -> str:
+    def cell(row: dict, c: str) -> str:
+        value = row[c]
+        if value is None:
+            return "–"
+        if c in METRIC_COLUMNS:
+            return f"{value:.4g} ± {row[f'{c}_stderr']:.2g}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    columns = [*RUN_COLUMNS, *METRIC_COLUMNS, *COUNT_COLUMNS]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
+    return "\n".join([note, "", *lines, ""])
+
+
+def compare_runs(run_dirs: list[Path], out: Path) -> Path:
+    """Write table.md, table.csv, nmse_vs_l0.png and ce_degradation_vs_l0.png into out; returns out."""
+    if not run_dirs:
+        raise UserError("no runs given; e.g. `sae compare runs/*`")
+    results = load_results(run_dirs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(results)
+    sets = {r["eval_spec"]["tokens_sha256"] for r in results}
+    bos = {r["config"]["exclude_bos"] for r in results}
+    note = "# SAE comparison\n\n± is one standard error over evaluation contexts; NMSE = Σ‖x−x̂‖²/Σ‖x‖² (raw)."
+    if len(sets) > 1 or len(bos) > 1:
+        note += "\n\n**Warning:** these runs were evaluated on different texts or BOS settings."
+    (out / TABLE_MD).write_text(_markdown(rows, note))
+    with open(out / TABLE_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    metric_vs_l0(
+        results, "nmse", "NMSE  Σ‖x−x̂‖² / Σ‖x‖²  (raw activations)", "Reconstruction error vs sparsity", out / NMSE_PNG
+    )
+    metric_vs_l0(
+        results, "ce_degradation", "CE degradation (nats per token)", "LM loss increase when spliced vs sparsity",
+        out / CE_PNG,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,50 @@
+"""EvalConfig: what `sae eval` runs, filled from pipeline.toml [eval] and CLI flags."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae.errors import UserError
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = 65_536
+    """Evaluation tokens (whole contexts: rounded down to a multiple of the cache's ctx_len)."""
+    batch_size: int = 16
+    """Contexts per forward pass. Each pass holds a few [batch, ctx_len, vocab] float32 logit tensors."""
+    dataset: str | None = None
+    """None: the run's harvest dataset, from the first document the harvest did not read (held out).
+    Otherwise any dataset `sae harvest --dataset` accepts; it must not overlap the training cache."""
+    dataset_config: str | None = None
+    """Hub dataset configuration; None: the cache's when the dataset is the cache's, else none."""
+    dataset_split: str | None = None
+    """None: the cache's split when the dataset is the cache's, else "train"."""
+    text_column: str | None = None
+    """None: the cache's text column."""
+    seed: int | None = None
+    """Seed of the document order; None: the cache's (for the cache's dataset it must be the cache's,
+    or the documents after the harvest's stream end would not be the unread ones)."""
+    start_doc: int | None = None
+    """First document (in the seeded order); None: the first one the harvest did not read, or 0 for
+    another dataset or split."""
+    exclude_bos: bool = False
+    """Leave BOS tokens and the first position of every context un-spliced and out of every metric.
+    False (the paper's way): splice everywhere; reconstruction metrics are also given without them."""
+    batch_mode: bool = False
+    """Also evaluate BatchTopK runs in batch mode (top B·k over each forward pass's rows), beside the
+    headline θ mode (the saved per-latent threshold, batch-independent)."""
+    dense_threshold: float = 0.1
+    """A latent active on more than this fraction of evaluation tokens counts as dense."""
+    cache: Path | None = None
+    """The training cache; None: the path recorded in the run's cfg.json. Give it if the cache moved."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.start_doc is not None and self.start_doc < 0:
+            raise UserError(f"start_doc must be >= 0, got {self.start_doc}")
+        if not 0 < self.dense_threshold < 1:
+            raise UserError(f"dense_threshold must be in (0, 1), got {self.dense_threshold}")

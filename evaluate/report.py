@@ -1,0 +1,110 @@
+"""A run's evaluation outputs: eval.json (everything), report.md (a readable summary), two PNGs."""
+
+from pathlib import Path
+
+from sae.evaluate.plots import density_histogram, l0_histogram
+from sae.train.checkpoint import write_json
+from sae.train.sae import TOPK_ARCHS
+
+EVAL_JSON, REPORT_MD = "eval.json", "report.md"
+L0_PNG, DENSITY_PNG = "l0_histogram.png", "feature_density.png"
+
+LM_ROWS = (
+    ("ce_clean", "CE clean"),
+    ("ce_spliced", "CE spliced"),
+    ("ce_degradation", "CE degradation (spliced − clean)"),
+    ("ce_zero_ablation", "CE zero-ablation"),
+    ("ce_mean_ablation", "CE mean-ablation (training-cache mean)"),
+    ("ce_recovered_zero", "CE recovered vs zero-ablation (fraction)"),
+    ("ce_recovered_mean", "CE recovered vs mean-ablation (fraction)"),
+    ("kl", "KL(clean ‖ spliced) per token"),
+)
+RECON_ROWS = (
+    ("nmse", "NMSE  Σ‖x−x̂‖² / Σ‖x‖²  (raw)"),
+    ("fvu", "FVU  Σ‖x−x̂‖² / Σ‖x−x̄‖²  (raw)"),
+    ("explained_variance", "explained variance  1 − FVU"),
+    ("nmse_standardized", "normalized MSE on standardised inputs (paper)"),
+    ("mse", "MSE per element (raw)"),
+    ("cos_sim", "cosine similarity x, x̂ (mean over tokens)"),
+    ("l0_mean", "L0 mean (active latents per token)"),
+)
+
+
+def fmt(result: dict, key: str) -> str:
+    value, se = result.get(key), result.get(f"{key}_stderr")
+    if value is None:
+        return "–"
+    value += 0.0  # prints −0.0 as 0
+    return f"{value:.4g} ± {se:.2g}" if se is not None else f"{value:.4g}"
+
+
+def write_outputs(run_dir: Path, result: dict) -> Path:
+    """eval.json, report.md and the PNGs in run_dir; returns the eval.json path."""
+    write_json(run_dir / EVAL_JSON, result)
+    title = result["run"]["name"]
+    l0_histogram(result, title, run_dir / L0_PNG)
+    density_histogram(result, title, run_dir / DENSITY_PNG)
+    (run_dir / REPORT_MD).write_text(report_markdown(result))
+    return run_dir / EVAL_JSON
+
+
+def report_markdown(result: dict) -> str:
+    run, spec = result["run"], result["eval_spec"]
+    held = f"first unread: {spec['first_unread_doc']}" if spec["same_data_as_cache"] else "another dataset/split"
+    bos = (
+        "BOS and first-position tokens left un-spliced and out of every metric (--exclude-bos)"
+        if result["config"]["exclude_bos"]
+        else "spliced at every position; reconstruction metrics also shown without BOS/first-position rows"
+    )
+    lines = [
+        f"# Evaluation of {run['name']}",
+        "",
+        f"- SAE: {run['arch']}, dict size {run['dict_size']:,}"
+        + (f", k {run['k']}" if run["arch"] in TOPK_ARCHS else ""),
+        f"- Model: {run['model']}, {run['site']} of layer {run['layer']} (cache {run['cache_key']})",
+        f"- Evaluation text: '{spec['dataset']}' split {spec['dataset_split']}, seed {spec['seed']}, from document "
+        f"{spec['start_doc']} ({held}); {spec['n_contexts']:,} contexts × {spec['ctx_len']} = {spec['n_tokens']:,} tokens "
+        f"(sha256 {spec['tokens_sha256']})",
+        f"- {bos}",
+        "- ± is one standard error, with contexts as independent clusters",
+        "",
+        "## Language model (nats per predicted token)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {label} | {fmt(result, key)} |" for key, label in LM_ROWS],
+        "",
+        "## Reconstruction",
+        "",
+        "| metric | all evaluated tokens | without BOS / first position |",
+        "|---|---|---|",
+        *[f"| {label} | {fmt(result, key)} | {fmt(result, key + '_excl_bos')} |" for key, label in RECON_ROWS],
+        "",
+        "## Sparsity",
+        "",
+        _sparsity(result),
+        "",
+    ]
+    if "batch_mode" in result:
+        batch = result["batch_mode"]
+        lines += [
+            f"## BatchTopK in batch mode (top k·{batch['batch_rows']:,} of each pass's rows) vs θ mode",
+            "",
+            "| metric | θ mode (headline) | batch mode |",
+            "|---|---|---|",
+            *[f"| {label} | {fmt(result, key)} | {fmt(batch, key)} |" for key, label in LM_ROWS[1:3] + RECON_ROWS],
+            "",
+        ]
+    lines += [f"![L0 per token]({L0_PNG})", "", f"![feature density]({DENSITY_PNG})", ""]
+    return "\n".join(lines)
+
+
+def _sparsity(result: dict) -> str:
+    dist = result["l0_distribution"]
+    quantiles = ", ".join(f"{q} {dist[q]}" for q in ("p1", "p10", "p50", "p90", "p99"))
+    return (
+        f"L0 per token: mean {fmt(result, 'l0_mean')}, min {dist['min']}, {quantiles}, max {dist['max']}.  \n"
+        f"Dead latents (never active on these tokens): {result['dead_latents']:,} ({result['dead_fraction']:.1%}); "
+        f"dense (active on > {result['dense_threshold']:.0%} of tokens): {result['dense_latents']:,} "
+        f"({result['dense_fraction']:.1%})."
+    )
