@@ -8,7 +8,7 @@ from sae.errors import UserError
 
 @dataclass
 class EvalConfig:
-    tokens: int = 65_536
+    tokens: int = 16_384
     """Evaluation tokens (whole contexts: rounded down to a multiple of the cache's ctx_len)."""
     batch_size: int = 16
     """Contexts per forward pass. Each pass holds a few [batch, ctx_len, vocab] float32 logit tensors."""

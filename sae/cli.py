@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import click
 import typer
@@ -10,6 +11,7 @@ from sae.cache.cli import cache_app
 from sae.errors import UserError
 from sae.evaluate.cli import compare_command, eval_command
 from sae.harvest.cli import harvest_command
+from sae.pipeline import run_pipeline
 from sae.train.cli import train_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -18,6 +20,15 @@ app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("compare")(compare_command)
 app.add_typer(cache_app, name="cache")
+
+
+@app.command("run")
+def run_command(
+    config: Path = typer.Option(None, help="pipeline.toml to read (default: ./pipeline.toml if present)."),
+    out: Path = typer.Option(None, help="Parent of the run directories (default: [train] out, ./runs)."),
+) -> None:
+    """The whole pipeline as pipeline.toml describes it: harvest, train, eval, compare."""
+    print(run_pipeline(config, out))
 
 
 def main() -> None:

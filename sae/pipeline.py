@@ -38,3 +38,20 @@ def resolve_cache(cache: Path | None, config_path: Path | None) -> Path:
             " or pass --cache PATH"
         )
     return max(matches, key=lambda c: c.n_contexts).path
+
+
+def run_pipeline(config_path: Path | None, out: Path | None) -> Path:
+    """harvest → train (the [train]/[[sweep]] SAEs, one pass) → eval each run → compare; returns the
+    comparison folder. Each stage reads its table of pipeline.toml, exactly as its own command does."""
+    from sae.evaluate.compare import compare_runs
+    from sae.evaluate.config import EvalConfig
+    from sae.evaluate.evaluate import evaluate_runs
+    from sae.harvest.harvest import harvest
+    from sae.train.cli import train_config
+    from sae.train.trainer import run_training
+
+    cache = harvest(stage_config(HarvestConfig, "harvest", config_path, {}))
+    train_cfg = train_config(config_path, {"out": out})
+    run_dirs = run_training(train_cfg, cache)
+    evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, {}))
+    return compare_runs(run_dirs, Path(train_cfg.out) / "comparison")

@@ -79,7 +79,7 @@ def train_command(
 
 def train_config(config_path: Path | None, overrides: dict) -> TrainConfig:
     """[train] with its flags; [[sweep]] tables unless a flag sets the grid (arch/k/dict_size/coeffs)."""
-    grid_flags = any(overrides[key] is not None for key in ("arch", "k", "dict_size", "l0_coeff", "l1_coeff"))
+    grid_flags = any(overrides.get(key) is not None for key in ("arch", "k", "dict_size", "l0_coeff", "l1_coeff"))
     sweep = read_pipeline_toml(config_path).get("sweep")
     if sweep and not grid_flags:
         overrides = {**overrides, "sweep": tuple(sweep)}
