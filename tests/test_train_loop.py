@@ -127,3 +127,15 @@ def test_dropped_rows_and_the_scale_are_recorded(cache, tmp_path):
     heldout = record["heldout"]
     # held-out rows: 256 in all, minus 16 first positions, BOS rows and the top 1% of norms
     assert heldout["rows_all"] == 256 and 200 < heldout["rows_kept"] < 240
+
+
+def test_holdout_takes_full_chunks_and_the_partial_last_one(tmp_path):
+    from sae.cache.store import open_cache
+    from sae.train.synthetic import write_cache
+    from sae.train.trainer import holdout_chunks
+
+    cache = open_cache(write_cache(tmp_path, torch.randn(10 * 4, 8), ctx_len=4, chunk_contexts=4))
+    assert cache.n_chunks == 3 and cache.contexts_in_chunk(2) == 2
+    assert holdout_chunks(cache, 1) == [1, 2]
+    assert holdout_chunks(cache, 0) == []
+    assert holdout_chunks(cache, 5) == [0, 1, 2]

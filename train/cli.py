@@ -41,7 +41,7 @@ def train_command(
     drop_bos: bool = Opt(None, "--drop-bos/--keep-bos", help="Leave BOS rows out of training."),
     drop_first: bool = Opt(None, "--drop-first/--keep-first", help="Leave first-position rows out."),
     drop_norm_quantile: float = Opt(None, help="Also leave out rows above this norm quantile, e.g. 0.999."),
-    holdout_chunks: int = Opt(None, help="Last cache chunks kept out of training for the held-out report."),
+    holdout_chunks: int = Opt(None, help="Last full cache chunks (and a partial last one) kept out of training."),
     aux_k: int = Opt(None, help="AuxK dead latents (default 512)."),
     aux_coeff: float = Opt(None, help="AuxK coefficient (default 1/32)."),
     dead_tokens: int = Opt(None, help="Tokens without firing after which a latent counts as dead."),

@@ -86,7 +86,8 @@ class TrainConfig:
     drop_norm_quantile: float | None = None
     """Also leave out rows whose norm is above this quantile (e.g. 0.999) of a sample of the rest."""
     holdout_chunks: int = 1
-    """Last cache chunks kept out of training; each SAE reports FVU and L0 on them at the end."""
+    """Last full cache chunks (and a partial last chunk, if any) kept out of training; each SAE reports
+    FVU and L0 on them at the end."""
     buffer_chunks: int = 32
     """Chunks shuffled together in the loader's buffer (32 × 128 contexts by default)."""
     loader_threads: int = 4

@@ -63,6 +63,14 @@ def pick_layer(cfg: TrainConfig, cache: Cache) -> int:
     return cfg.layer
 
 
+def holdout_chunks(cache: Cache, n_full: int) -> list[int]:
+    """The last n_full full chunks, plus a partial last chunk if any: alone it may be a handful of rows."""
+    if n_full == 0:
+        return []
+    full_chunks = cache.n_contexts // cache.chunk_contexts
+    return list(range(max(full_chunks - n_full, 0), cache.n_chunks))
+
+
 def make_sae(cfg: TrainConfig, spec, d_in: int, device: torch.device) -> SparseAutoencoder:
     torch.manual_seed(cfg.seed)  # every SAE starts from the reference code's seed
     return SparseAutoencoder(
@@ -107,7 +115,8 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
     layer = pick_layer(cfg, cache)
     specs = cfg.specs()
     run_dirs = [Path(cfg.out) / s.name for s in specs]
-    train_chunks = list(range(cache.n_chunks - cfg.holdout_chunks))
+    held_chunks = holdout_chunks(cache, cfg.holdout_chunks)
+    train_chunks = [c for c in range(cache.n_chunks) if c not in held_chunks]
     train_rows = sum(cache.contexts_in_chunk(c) for c in train_chunks) * cache.ctx_len
     if not train_chunks:
         raise UserError(f"cache {cache.path} has {cache.n_chunks} chunk(s), all held out; lower --holdout-chunks")
@@ -221,8 +230,7 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
                     checkpoint(done)
     finally:
         loader.close()
-    if rank == 0 and cfg.holdout_chunks:
-        held_chunks = list(range(cache.n_chunks - cfg.holdout_chunks, cache.n_chunks))
+    if rank == 0 and held_chunks:
         for i, (run_dir, sae) in enumerate(zip(run_dirs, saes, strict=True)):
             heldout = evaluate_heldout(sae, cache, layer, held_chunks, cfg, scale, row_filter, device)
             write_json(run_dir / "cfg.json", {**cfg_json(i, steps), "heldout": heldout})
