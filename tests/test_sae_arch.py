@@ -34,8 +34,6 @@ def fit(arch: str, data_ND: torch.Tensor, steps: int, init=None, **overrides) ->
     for step in range(steps):
         if step == int(steps * (1 - cfg.theta_tail)):
             sae.reset_theta()
-        if step % 25 == 0:
-            sae.aux_on = bool(sae.dead_fraction() > 0) and cfg.aux_k > 0
         b = step % n_batches
         train_step(sae, sae, opt, data_ND[b * cfg.batch_size : (b + 1) * cfg.batch_size], cfg, world=1)
     return sae.eval()
@@ -110,7 +108,7 @@ def test_sparse_and_dense_paths_train_the_same_module(arch):
         torch.manual_seed(0)
         sae = SparseAutoencoder(SAESpec(arch, K, 256, 0.0, 0.0), D, aux_k=32, dead_tokens=1, sparse_decode=sparse)
         sae.tokens_since_fired_M[::2] = 10  # half the latents dead
-        sae.aux_on = True
+        sae.tokens_seen = 10
         out = sae(x_BD)
         out.loss.backward()
         grads.append([out.loss.detach(), out.aux.detach()] + [p.grad for p in sae.parameters()])

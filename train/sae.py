@@ -146,9 +146,9 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("tokens_since_fired_M", torch.zeros(self.m, dtype=torch.long))
         self.register_buffer("theta_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("theta_count", torch.zeros((), dtype=torch.long))
-        # AuxK runs only while some latent is dead; the trainer refreshes this at its sync points so
-        # the hot loop never waits on the device to decide.
-        self.aux_on = False
+        # Tokens trained on, counted on the host: AuxK starts once a latent can be dead, and the hot
+        # loop never waits on the device to decide (a step with no dead latent adds exactly 0).
+        self.tokens_seen = 0
 
     # -- inference form: per-sample, batch-independent (what is saved and evaluated) --------------
     def pre_acts(self, x_BD: Tensor) -> Tensor:
@@ -193,7 +193,7 @@ class SparseAutoencoder(nn.Module):
             fired_M = torch.zeros(self.m, dtype=torch.bool, device=x_BD.device).index_fill_(
                 0, active.cols_N[fired_N], True
             )
-            if self.aux_on:
+            if self.tokens_seen >= self.dead_tokens:
                 aux = self.aux_coeff * self.auxk_loss(x_BD, recon_BD, pre_BM)
             if self.training and self.spec.arch == "batchtopk":
                 self._track_theta(active.acts_N.detach())
@@ -211,6 +211,7 @@ class SparseAutoencoder(nn.Module):
         mse = (recon_BD.float() - x_BD.float()).square().mean()
         if self.training:
             self.tokens_since_fired_M.add_(B).masked_fill_(fired_M, 0)
+            self.tokens_seen += B
         return SAEOutput(recon_BD, latents, l0_B, fired_M, mse, sparsity, aux, mse + sparsity + aux)
 
     def auxk_loss(self, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor) -> Tensor:
@@ -219,7 +220,7 @@ class SparseAutoencoder(nn.Module):
         active = select_topk(pre_BM * dead_M, min(self.aux_k, self.m))  # live latents score 0 and add nothing
         decode = decode_sparse if self.sparse_decode else decode_dense
         residual_BD = (x_BD - recon_BD).detach()
-        return (decode(active, self.W_dec).float() - residual_BD.float()).square().mean()
+        return (decode(active, self.W_dec).float() - residual_BD.float()).square().mean() * dead_M.any()
 
     @torch.no_grad()
     def _track_theta(self, kept_N: Tensor) -> None:
@@ -248,10 +249,10 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.grad.sub_(along_M1 * self.W_dec)
 
     def get_extra_state(self) -> dict:
-        return {"aux_on": self.aux_on}
+        return {"tokens_seen": self.tokens_seen}
 
     def set_extra_state(self, state: dict) -> None:
-        self.aux_on = state["aux_on"]
+        self.tokens_seen = state["tokens_seen"]
 
 
 def normalize_input(x_BD: Tensor, mode: str, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:

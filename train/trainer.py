@@ -217,7 +217,6 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
                             f"its last good checkpoint is kept in {run_dir}; try a lower --lr"
                         )
                     dead = float(sae.dead_fraction())
-                    sae.aux_on = dead > 0
                     record.update(step=done, tokens=done * cfg.batch_size * world, dead_frac=dead, tokens_per_s=tok_s)
                     status.append(f"{run_dir.name}: loss {record['loss']:.4g} L0 {record['l0']:.1f}")
                     if rank == 0:
