@@ -17,51 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from reference import ReferenceSAE  # benchmarks/ is on sys.path: run as python benchmarks/train.py
 
 from sae.cache.store import open_cache
 from sae.train.config import TrainConfig
 from sae.train.loader import Loader
 from sae.train.synthetic import planted_acts, write_cache
 from sae.train.trainer import configure_backend, make_optimizer, make_sae, run_training, train_step
-
-
-def reference_style_step(d: int, m: int, k: int, device: torch.device, seed: int = 49):
-    """A BatchTopK step as the reference code writes it: dense latents, dense decode, fp32, per-sample
-    standardised input, AuxK over dead latents picked by boolean indexing, decoder renormalised."""
-    torch.manual_seed(seed)
-    W_enc = torch.nn.init.kaiming_uniform_(torch.empty(d, m, device=device)).requires_grad_()
-    W_dec = (W_enc.detach().t() / W_enc.detach().t().norm(dim=-1, keepdim=True)).requires_grad_()
-    b_dec = torch.zeros(d, device=device, requires_grad=True)
-    params = [W_enc, W_dec, b_dec]
-    opt = torch.optim.Adam(params, lr=3e-4, betas=(0.9, 0.99))
-    batches_not_active = torch.zeros(m, device=device)
-
-    def step(x):
-        x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-5)
-        acts = F.relu((x - b_dec) @ W_enc)
-        top = torch.topk(acts.flatten(), k * x.shape[0], dim=-1)
-        acts_topk = torch.zeros_like(acts.flatten()).scatter(-1, top.indices, top.values).reshape(acts.shape)
-        recon = acts_topk @ W_dec + b_dec
-        batches_not_active.add_((acts_topk.sum(0) == 0).float())
-        batches_not_active[acts_topk.sum(0) > 0] = 0
-        loss = (recon - x).pow(2).mean()
-        dead = batches_not_active >= 5
-        if dead.sum() > 0:
-            aux_top = torch.topk(acts[:, dead], min(512, int(dead.sum())), dim=-1)
-            aux_acts = torch.zeros_like(acts[:, dead]).scatter(-1, aux_top.indices, aux_top.values)
-            loss = loss + (aux_acts @ W_dec[dead] - (x - recon)).pow(2).mean() / 32
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1e5)
-        with torch.no_grad():
-            W_dec_normed = W_dec / W_dec.norm(dim=-1, keepdim=True)
-            W_dec.grad -= (W_dec.grad * W_dec_normed).sum(-1, keepdim=True) * W_dec_normed
-            W_dec.data = W_dec_normed
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
-
-    return step
 
 
 def ours_step(cfg: TrainConfig, d: int, device: torch.device):
@@ -109,7 +71,7 @@ def main() -> None:
     batches = [x.to(device) for x in data_ND.split(B)]
     cfg = TrainConfig(arch=("batchtopk",), k=(k,), dict_size=(m,), batch_size=B)
     candidates = {
-        "reference-style (dense fp32)": lambda: reference_style_step(d, m, k, device),
+        "reference-style (dense fp32)": lambda: ReferenceSAE("batchtopk", d, m, k, device=device).step,
         "ours, dense decode": lambda: ours_step(dataclasses.replace(cfg, sparse_decode=False), d, device),
         "ours, sparse decode": lambda: ours_step(cfg, d, device),
     }
