@@ -33,7 +33,7 @@ def ours_step(cfg: TrainConfig, d: int, device: torch.device):
 
     def step(x):
         x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-5)  # same input as the baseline
-        return train_step(sae, sae, opt, x, cfg, world=1).mse.detach()
+        return train_step(sae, sae, opt, x, cfg, world=1, with_aux=True).mse.detach()  # AuxK on, as the baseline
 
     return step
 

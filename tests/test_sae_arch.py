@@ -35,7 +35,8 @@ def fit(arch: str, data_ND: torch.Tensor, steps: int, init=None, **overrides) ->
         if step == int(steps * (1 - cfg.theta_tail)):
             sae.reset_theta()
         b = step % n_batches
-        train_step(sae, sae, opt, data_ND[b * cfg.batch_size : (b + 1) * cfg.batch_size], cfg, world=1)
+        x_BD = data_ND[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        train_step(sae, sae, opt, x_BD, cfg, world=1, with_aux=step * cfg.batch_size >= cfg.dead_tokens)
     return sae.eval()
 
 
@@ -108,8 +109,7 @@ def test_sparse_and_dense_paths_train_the_same_module(arch):
         torch.manual_seed(0)
         sae = SparseAutoencoder(SAESpec(arch, K, 256, 0.0, 0.0), D, aux_k=32, dead_tokens=1, sparse_decode=sparse)
         sae.tokens_since_fired_M[::2] = 10  # half the latents dead
-        sae.tokens_seen = 10
-        out = sae(x_BD)
+        out = sae(x_BD, with_aux=True)
         out.loss.backward()
         grads.append([out.loss.detach(), out.aux.detach()] + [p.grad for p in sae.parameters()])
     assert grads[0][1] > 0

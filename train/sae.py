@@ -146,9 +146,6 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("tokens_since_fired_M", torch.zeros(self.m, dtype=torch.long))
         self.register_buffer("theta_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("theta_count", torch.zeros((), dtype=torch.long))
-        # Tokens trained on, counted on the host: AuxK starts once a latent can be dead, and the hot
-        # loop never waits on the device to decide (a step with no dead latent adds exactly 0).
-        self.tokens_seen = 0
 
     # -- inference form: per-sample, batch-independent (what is saved and evaluated) --------------
     def pre_acts(self, x_BD: Tensor) -> Tensor:
@@ -178,7 +175,10 @@ class SparseAutoencoder(nn.Module):
         return latents_BM @ self.W_dec + self.b_dec
 
     # -- training form ---------------------------------------------------------------------------
-    def forward(self, x_BD: Tensor) -> SAEOutput:
+    def forward(self, x_BD: Tensor, with_aux: bool = False) -> SAEOutput:
+        """with_aux: add AuxK (topk, batchtopk). The trainer turns it on once a latent can be dead, by
+        a host-side token count, so the loop never waits on the device to decide; a batch with no dead
+        latent adds exactly 0."""
         B = x_BD.shape[0]
         pre_BM = self.pre_acts(x_BD)
         zero = pre_BM.new_zeros(())
@@ -190,10 +190,9 @@ class SparseAutoencoder(nn.Module):
             recon_BD = decode(active, self.W_dec) + self.b_dec
             latents, fired_N = active, (active.acts_N > 0).detach()
             l0_B = torch.zeros(B, device=x_BD.device).index_add_(0, active.rows_N, fired_N.float())
-            fired_M = torch.zeros(self.m, dtype=torch.bool, device=x_BD.device).index_fill_(
-                0, active.cols_N[fired_N], True
-            )
-            if self.tokens_seen >= self.dead_tokens:
+            # a sum, not a boolean-mask gather: no data-dependent shape, so torch.compile keeps one graph
+            fired_M = torch.zeros(self.m, device=x_BD.device).index_add_(0, active.cols_N, fired_N.float()) > 0
+            if with_aux:
                 aux = self.aux_coeff * self.auxk_loss(x_BD, recon_BD, pre_BM)
             if self.training and self.spec.arch == "batchtopk":
                 self._track_theta(active.acts_N.detach())
@@ -211,7 +210,6 @@ class SparseAutoencoder(nn.Module):
         mse = (recon_BD.float() - x_BD.float()).square().mean()
         if self.training:
             self.tokens_since_fired_M.add_(B).masked_fill_(fired_M, 0)
-            self.tokens_seen += B
         return SAEOutput(recon_BD, latents, l0_B, fired_M, mse, sparsity, aux, mse + sparsity + aux)
 
     def auxk_loss(self, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor) -> Tensor:
@@ -247,12 +245,6 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is not None:
             along_M1 = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
             self.W_dec.grad.sub_(along_M1 * self.W_dec)
-
-    def get_extra_state(self) -> dict:
-        return {"tokens_seen": self.tokens_seen}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.tokens_seen = state["tokens_seen"]
 
 
 def normalize_input(x_BD: Tensor, mode: str, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
