@@ -36,7 +36,7 @@ def fit(arch: str, data_ND: torch.Tensor, steps: int, init=None, **overrides) ->
             sae.reset_theta()
         b = step % n_batches
         x_BD = data_ND[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        train_step(sae, sae, opt, x_BD, cfg, world=1, with_aux=step * cfg.batch_size >= cfg.dead_tokens)
+        train_step(sae, sae, opt, x_BD, cfg, world=1, step=step)
     return sae.eval()
 
 

@@ -84,8 +84,9 @@ def make_optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Adam
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
-def train_step(sae: torch.nn.Module, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int, with_aux: bool):
-    """One optimiser step of one SAE; `model` is the SAE or its torch.compile wrapper."""
+def train_step(sae: torch.nn.Module, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int, step: int):
+    """Optimiser step `step` (from 0) of one SAE; `model` is the SAE or its torch.compile wrapper."""
+    with_aux = step * cfg.batch_size >= cfg.dead_tokens  # only from then on can a latent be dead
     with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = model(x_BD, with_aux)
     out.loss.backward()
@@ -193,11 +194,10 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
             progress.update(task, completed=start * cfg.batch_size * world)
             for step in range(start, steps):
                 x_BD, _, _ = normalize_input(next(loader), cfg.normalize, scale)
-                with_aux = step * cfg.batch_size >= cfg.dead_tokens  # only then can a latent be dead
                 for i, (sae, model, opt) in enumerate(zip(saes, models, opts, strict=True)):
                     if step == theta_start:
                         sae.reset_theta()
-                    out = train_step(sae, model, opt, x_BD, cfg, world, with_aux)
+                    out = train_step(sae, model, opt, x_BD, cfg, world, step)
                     terms = (out.loss, out.mse, out.sparsity, out.aux, out.l0_B.mean())
                     sums[i] += torch.stack([t.detach().float() for t in terms])
                 done = step + 1
