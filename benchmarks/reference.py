@@ -1,6 +1,6 @@
 """The paper's reference training (github: bartbussmann/BatchTopK), re-implemented plainly in one file.
 
-Written from ../shared/paper/notes.md and the reference code's training loop, and kept the way that
+Written from the paper (Bussmann, Leask, Nanda 2024) and its reference code's training loop, kept the way that
 code does things, quirks included, so that our trainer is measured against what the paper's code
 actually reaches: dense latents and dense decode in fp32; each input row standardised (mean 0, std 1,
 +1e-5); W_enc kaiming-uniform [d, m] drawn first after `torch.manual_seed(seed)` (so ours, seeded the

@@ -3,7 +3,7 @@
     pre_BM  = ReLU((x_BD − b_dec) @ W_enc_DM + b_enc)    the activation picks which entries survive
     recon   = f_BM @ W_dec_MD + b_dec                     W_dec rows (latent directions) unit-norm
 
-Equations and defaults follow ../shared/paper/notes.md. Parameters use SAELens's names and layouts
+Equations and defaults follow the BatchTopK paper and its reference code. Parameters use SAELens's names and layouts
 (W_enc [d, m], W_dec [m, d]), so saving is a rename-free copy.
 """
 
