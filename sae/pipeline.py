@@ -54,4 +54,6 @@ def run_pipeline(config_path: Path | None, out: Path | None) -> Path:
     train_cfg = train_config(config_path, {"out": out})
     run_dirs = run_training(train_cfg, cache)
     evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, {}))
-    return compare_runs(run_dirs, Path(train_cfg.out) / "comparison")
+    out_dir = Path(train_cfg.out)
+    # beside the runs, not among them: `sae eval runs/*` and `sae compare runs/*` must see only runs
+    return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison"))

@@ -1,0 +1,54 @@
+"""`sae run`: harvest → train → eval → compare from one pipeline.toml, as the README's main command."""
+
+import csv
+import json
+
+from tests.test_cli import run_sae
+
+
+def test_sae_run_makes_every_artifact(monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path):
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f"""
+[harvest]
+model = "{tiny_llama}"
+dataset = "{sample_parquet}"
+layers = [1]
+ctx_len = 32
+tokens = 2560
+chunk_contexts = 16
+device = "cpu"
+cache_dir = "{tmp_path / "caches"}"
+
+[train]
+batch_size = 64
+log_every = 10
+device = "cpu"
+out = "{tmp_path / "runs"}"
+
+[[sweep]]
+arch = ["batchtopk", "topk"]
+k = 4
+dict_size = 64
+
+[eval]
+tokens = 512
+batch_size = 8
+device = "cpu"
+""")
+    code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
+    assert code == 0, err
+    comparison = tmp_path / "runs-comparison"
+    assert out.strip() == str(comparison)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["batchtopk_k4_m64", "topk_k4_m64"]  # only runs: `sae eval runs/*` works
+    for run in runs:
+        cfg = json.loads((run / "cfg.json").read_text())
+        evaluation = json.loads((run / "eval.json").read_text())
+        assert cfg["cache"]["layer"] == 1 and cfg["heldout"]["rows_all"] > 0
+        assert evaluation["n_tokens"] == 512 and evaluation["ce_clean"] > 0
+        assert evaluation["ce_spliced"] >= evaluation["ce_clean"] - 3 * evaluation["ce_spliced_stderr"]
+        assert (run / "l0_histogram.png").stat().st_size > 0
+    rows = list(csv.DictReader((comparison / "table.csv").open()))
+    assert [row["name"] for row in rows] == ["batchtopk_k4_m64", "topk_k4_m64"]
+    assert float(rows[1]["l0_mean"]) == 4.0
+    assert (comparison / "nmse_vs_l0.png").exists() and (comparison / "ce_degradation_vs_l0.png").exists()
