@@ -1,14 +1,16 @@
 """Harvest speed against a plain full forward, and the storage dtype/codec table behind the defaults.
 
-    python benchmarks/harvest.py [--model smollm2-135m] [--layer 6] [--tokens 32768] [--device auto]
+    python -m benchmarks.harvest [--model smollm2-135m] [--layer 6] [--tokens 32768] [--device auto]
 
 Both speeds are measured in this run on the same device and contexts: "plain" is the HF model's full
-forward (all blocks and the LM head, no hooks, nothing written); "harvest" is `sae harvest` end to end
-(tokenizing, forward up to the hooked block, float16 conversion, compression, checksums, commits).
+forward (all blocks and the LM head, no hooks, nothing written); "harvest" is `sae harvest` on the same
+loaded model (opening the dataset, tokenizing, forward up to the hooked block, conversion, compression,
+checksums, commits). MFU counts matmul FLOPs of the blocks each one runs (benchmarks/mfu.py).
 """
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,11 +19,12 @@ import numpy as np
 import torch
 import zarr
 
+from benchmarks.mfu import lm_forward_flops_per_token, peak_flops
 from sae.cache.codecs import STORAGE_DTYPES, compressors, to_storage, zarr_dtype
 from sae.cache.store import open_cache
 from sae.harvest.config import HarvestConfig
 from sae.harvest.harvest import harvest, resolve_device
-from sae.harvest.model import load_model
+from sae.harvest.model import LoadedModel, load_model
 
 CODECS = [
     "none", "zstd:1", "zstd:3", "zstd:9", "blosc-zstd:1:shuffle", "blosc-zstd:1:bitshuffle",
@@ -29,9 +32,7 @@ CODECS = [
 ]  # fmt: skip
 
 
-def plain_forward_tok_per_s(cfg: HarvestConfig, tokens_NT: np.ndarray) -> float:
-    device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, cfg.model_dtype, str(device))
+def plain_forward_tok_per_s(loaded: LoadedModel, cfg: HarvestConfig, tokens_NT: np.ndarray, device) -> float:
     ids_NT = torch.from_numpy(tokens_NT).long()
     with torch.inference_mode():
         loaded.model(input_ids=ids_NT[: cfg.batch_contexts].to(device), use_cache=False)  # warm-up
@@ -77,6 +78,58 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def measure(model: str, layer: int, tokens: int, device_name: str = "auto", model_dtype: str = "float32") -> dict:
+    """Harvest vs plain forward on the same contexts and loaded model, their MFU, and the codec table."""
+    device = resolve_device(device_name)
+    loaded = load_model(model, model_dtype, str(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = HarvestConfig(
+            model=model, layers=(layer,), tokens=tokens, device=device_name, model_dtype=model_dtype,
+            dtype="float32", codec="none", cache_dir=Path(tmp),
+        )  # fmt: skip
+        shutil.rmtree(harvest(cfg, loaded))  # warm-up: tokenizer, dataset caches, allocator
+        start = time.perf_counter()
+        cache = open_cache(harvest(cfg, loaded))
+        harvest_s = time.perf_counter() - start
+        tokens_NT = np.concatenate([cache.read_tokens(i) for i in range(cache.n_chunks)])
+        acts_RD = torch.cat([cache.read_acts(layer, i) for i in range(cache.n_chunks)]).float()
+        chunk_rows = cache.chunk_rows
+    plain = plain_forward_tok_per_s(loaded, cfg, tokens_NT, device)
+    ours = tokens_NT.size / harvest_s  # dataset loading, tokenizing, forward, conversion, writing
+    d, T = loaded.d_model, cfg.ctx_len
+    head = loaded.model.get_output_embeddings().weight.numel()
+    n_params = [sum(p.numel() for p in block.parameters()) for block in loaded.blocks]
+    harvest_flops = lm_forward_flops_per_token(sum(n_params[:layer]), 0, layer, d, T)  # resid_pre: blocks < L
+    plain_flops = lm_forward_flops_per_token(sum(n_params), head, loaded.n_layers, d, T)
+    peak, peak_source = peak_flops(device, "fp32" if model_dtype == "float32" else "bf16")
+    codec_rows = [codec_row(acts_RD[:chunk_rows], dtype, codec) for dtype in STORAGE_DTYPES for codec in CODECS]
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": model, "layer": layer, "n_layers": loaded.n_layers, "tokens": int(tokens_NT.size),
+        "plain_tok_s": plain, "harvest_tok_s": ours, "ratio": ours / plain,
+        "plain_mfu": plain * plain_flops / peak, "harvest_mfu": ours * harvest_flops / peak,
+        "peak_flops": peak, "peak_source": peak_source, "codecs": codec_rows,
+    }  # fmt: skip
+
+
+def report(r: dict) -> None:
+    print(f"device: {r['device']}; model {r['model']}, layer {r['layer']} of {r['n_layers']}, {r['tokens']:,} tokens")
+    print(f"plain full forward : {r['plain_tok_s']:10,.0f} tok/s   MFU {r['plain_mfu']:6.1%}")
+    print(
+        f"sae harvest        : {r['harvest_tok_s']:10,.0f} tok/s   MFU {r['harvest_mfu']:6.1%} (all of it, writing included)"
+    )
+    print(
+        f"ratio              : {r['ratio']:10.2f}x          peak: {r['peak_flops'] / 1e12:.2f} TFLOP/s ({r['peak_source']})"
+    )
+    print("\ncodecs on one chunk of real rows; MB/s in float32-equivalent MB")
+    print(f"{'dtype':9} {'codec':24} {'B/token':>8} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9} {'rel err':>9}")
+    for c in r["codecs"]:
+        print(
+            f"{c['dtype']:9} {c['codec']:24} {c['bytes_per_token']:8.0f} {c['ratio_vs_dtype']:6.3f} "
+            f"{c['encode_MBps']:9.0f} {c['decode_MBps']:9.0f} {c['rel_error']:9.2e}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -85,39 +138,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model-dtype", default="float32")
     args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = HarvestConfig(
-            model=args.model, layers=(args.layer,), tokens=args.tokens, device=args.device, model_dtype=args.model_dtype,
-            dtype="float32", codec="none", cache_dir=Path(tmp),
-        )  # fmt: skip
-        harvest(cfg)  # warm-up: first model load, tokenizer and dataset caches
-        for path in Path(tmp).iterdir():
-            __import__("shutil").rmtree(path)
-        start = time.perf_counter()
-        cache = open_cache(harvest(cfg))
-        harvest_s = time.perf_counter() - start
-        tokens_NT = np.concatenate([cache.read_tokens(i) for i in range(cache.n_chunks)])
-        acts_RD = torch.cat([cache.read_acts(args.layer, i) for i in range(cache.n_chunks)]).float()
-        plain = plain_forward_tok_per_s(cfg, tokens_NT)
-    ours = tokens_NT.size / harvest_s  # model load included: the honest end-to-end figure
-    device = resolve_device(args.device)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    print(f"model {args.model}, layer {args.layer} of {cache.spec['n_layers']}, {tokens_NT.size:,} tokens")
-    print(f"plain full forward : {plain:10,.0f} tok/s")
-    print(f"sae harvest        : {ours:10,.0f} tok/s (incl. model load, tokenizing, writing)")
-    print(f"ratio              : {ours / plain:10.2f}x")
-
-    chunk_RD = acts_RD[: cache.chunk_rows]
-    rows = [codec_row(chunk_RD, dtype, codec) for dtype in STORAGE_DTYPES for codec in CODECS]
-    print(f"\ncodecs on {len(chunk_RD):,} real rows (d={chunk_RD.shape[1]}); MB/s in float32-equivalent MB")
-    print(f"{'dtype':9} {'codec':24} {'B/token':>8} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9} {'rel err':>9}")
-    for r in rows:
-        print(
-            f"{r['dtype']:9} {r['codec']:24} {r['bytes_per_token']:8.0f} {r['ratio_vs_dtype']:6.3f} "
-            f"{r['encode_MBps']:9.0f} {r['decode_MBps']:9.0f} {r['rel_error']:9.2e}"
-        )
-    print(json.dumps({"harvest_tok_s": ours, "plain_tok_s": plain, "ratio": ours / plain, "codecs": rows}))
+    results = measure(args.model, args.layer, args.tokens, args.device, args.model_dtype)
+    report(results)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

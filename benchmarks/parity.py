@@ -1,6 +1,6 @@
 """Quality parity: our trainer against the paper's reference training, on the same rows in the same order.
 
-    python benchmarks/parity.py --cache PATH [--layer 6] [--dict-size 4·d] [--k 32] [--tokens 196608]
+    python -m benchmarks.parity --cache PATH [--layer 6] [--dict-size 4·d] [--k 32] [--tokens 196608]
         [--batch-size 2048] [--archs batchtopk,topk,jumprelu] [--l0-coeff 0.0018] [--seeds 49,50]
 
 Per seed, one pass of our Loader over the cache feeds both: `run_training` (ours, normalize =
@@ -30,8 +30,8 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from reference import ReferenceSAE  # benchmarks/ is on sys.path: run as python benchmarks/parity.py
 
+from benchmarks.reference import ReferenceSAE
 from sae.cache.store import Cache, open_cache
 from sae.train import trainer
 from sae.train.checkpoint import load_sae, reconstruct

@@ -1,7 +1,7 @@
 """Training throughput, every figure measured in this run on this device.
 
-    python benchmarks/train.py            # CPU: d 256, m 4096, k 32, B 1024; GPU: the paper's d 768, m 12288, B 4096
-    python benchmarks/train.py --full     # the paper's shapes on CPU too (slow)
+    python -m benchmarks.train            # CPU: d 256, m 4096, k 32, B 1024; GPU: the paper's d 768, m 12288, B 4096
+    python -m benchmarks.train --full     # the paper's shapes on CPU too (slow)
 
 Prints: loader rows/s alone; train tokens/s of our BatchTopK step (sparse and dense decode) and of a
 plain single-file BatchTopK step written the way the reference code does it (dense, fp32), the
@@ -12,14 +12,16 @@ planted data, so a speed-up is not bought with quality.
 import argparse
 import dataclasses
 import itertools
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from reference import ReferenceSAE  # benchmarks/ is on sys.path: run as python benchmarks/train.py
 
+from benchmarks.mfu import peak_flops, sae_train_flops_per_token
+from benchmarks.reference import ReferenceSAE
 from sae.cache.store import open_cache
 from sae.train.config import TrainConfig
 from sae.train.loader import Loader
@@ -54,21 +56,15 @@ def tokens_per_s(step, batches: list[torch.Tensor], device: torch.device, warmup
     return sum(len(x) for x in batches[warmup:]) / (time.perf_counter() - start), float(loss)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--full", action="store_true", help="the paper's shapes even on CPU")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(full: bool = False, steps: int | None = None) -> dict:
+    """Every figure of this benchmark, measured in one run on one device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    full = args.full or device.type == "cuda"
+    full = full or device.type == "cuda"
     d, m, k, B = (768, 12288, 32, 4096) if full else (256, 4096, 32, 1024)
-    steps = args.steps or (200 if device.type == "cuda" else 12)
+    steps = steps or (200 if device.type == "cuda" else 12)
     configure_backend(device, "tf32")
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}: d {d}, m {m}, k {k}, B {B}")
-    print(f"load average before the run {os.getloadavg()[0]:.2f} (other processes skew CPU timings)")
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "d": d, "m": m}
+    result.update(k=k, batch=B, steps_run=steps, threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
 
     data_ND = planted_acts(B * (steps + 3), d, 4 * d, k, seed=0) * 3
     batches = [x.to(device) for x in data_ND.split(B)]
@@ -80,15 +76,16 @@ def main() -> None:
     }
     # Two rounds, the best of each kept: the first large CPU allocations page-fault until glibc raises
     # its mmap threshold, which would penalise whichever candidate runs first.
-    results = {name: (0.0, 0.0) for name in candidates}
+    steps_tok_s = {name: (0.0, 0.0) for name in candidates}
     for _ in range(2):
         for name, make in candidates.items():
-            results[name] = max(results[name], tokens_per_s(make(), batches, device))
-    base = results["reference-style (dense fp32)"][0]
-    for name, (tok_s, loss) in results.items():
-        print(
-            f"  step  {name:30s} {tok_s:12,.0f} tok/s  {tok_s / base:5.2f}x baseline   loss after {steps} steps {loss:.4f}"
-        )
+            steps_tok_s[name] = max(steps_tok_s[name], tokens_per_s(make(), batches, device))
+    result["steps"] = {name: {"tok_s": t, "loss": loss} for name, (t, loss) in steps_tok_s.items()}
+    base = steps_tok_s["reference-style (dense fp32)"][0]
+    result["sparse_vs_baseline"] = steps_tok_s["ours, sparse decode"][0] / base
+    result["dense_vs_baseline"] = steps_tok_s["ours, dense decode"][0] / base
+    peak, result["peak_source"] = peak_flops(device, "tf32" if device.type == "cuda" else "fp32")
+    result["train_mfu"] = steps_tok_s["ours, sparse decode"][0] * sae_train_flops_per_token(d, m, k, True) / peak
 
     with tempfile.TemporaryDirectory() as tmp:
         cache_rows = B * steps
@@ -101,12 +98,9 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(n):
             next(loader)
-        loader_rows_s = n * B / (time.perf_counter() - start)
+        result["loader_rows_s"] = n * B / (time.perf_counter() - start)
         loader.close()
-        train_tok_s = results["ours, sparse decode"][0]
-        print(
-            f"  loader alone (float16, zstd:1)  {loader_rows_s:12,.0f} rows/s  {loader_rows_s / train_tok_s:5.2f}x the trainer's demand"
-        )
+        result["loader_vs_demand"] = result["loader_rows_s"] / steps_tok_s["ours, sparse decode"][0]
 
         def timed_run(archs: tuple[str, ...], out: str) -> float:
             sweep = TrainConfig(
@@ -116,9 +110,42 @@ def main() -> None:
             run_training(sweep, cache_path)
             return time.perf_counter() - start
 
-        together = timed_run(("batchtopk", "topk", "relu"), "sweep")
-        apart = sum(timed_run((arch,), f"alone-{arch}") for arch in ("batchtopk", "topk", "relu"))
-        print(f"  sweep of 3 in one pass {together:6.1f} s vs 3 separate runs {apart:6.1f} s: {apart / together:5.2f}x")
+        result["sweep_s"] = timed_run(("batchtopk", "topk", "relu"), "sweep")
+        result["separate_s"] = sum(timed_run((arch,), f"alone-{arch}") for arch in ("batchtopk", "topk", "relu"))
+        result["sweep_vs_separate"] = result["separate_s"] / result["sweep_s"]
+    return result
+
+
+def report(r: dict) -> None:
+    print(f"device {r['device']}, threads {r['threads']}: d {r['d']}, m {r['m']}, k {r['k']}, B {r['batch']}")
+    print(f"load average before the run {r['load_average']:.2f} (other processes skew CPU timings)")
+    base = r["steps"]["reference-style (dense fp32)"]["tok_s"]
+    for name, s in r["steps"].items():
+        print(
+            f"  step  {name:30s} {s['tok_s']:12,.0f} tok/s  {s['tok_s'] / base:5.2f}x baseline"
+            f"   loss after {r['steps_run']} steps {s['loss']:.4f}"
+        )
+    print(f"  ours (sparse) MFU {r['train_mfu']:.1%} of {r['peak_source']}")
+    print(
+        f"  loader alone (float16, zstd:1)  {r['loader_rows_s']:12,.0f} rows/s  {r['loader_vs_demand']:5.2f}x the trainer's demand"
+    )
+    print(
+        f"  sweep of 3 in one pass {r['sweep_s']:6.1f} s vs 3 separate runs {r['separate_s']:6.1f} s: "
+        f"{r['sweep_vs_separate']:5.2f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--full", action="store_true", help="the paper's shapes even on CPU")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args.full, args.steps)
+    report(result)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -46,11 +46,12 @@ def build_spec(cfg: HarvestConfig, loaded: LoadedModel, source: DatasetSource) -
     }
 
 
-def harvest(cfg: HarvestConfig) -> Path:
-    """Create or extend the cache for cfg; returns its path."""
+def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Path:
+    """Create or extend the cache for cfg; returns its path. `loaded`: cfg's model, already loaded
+    on cfg's device (a caller harvesting several times saves the load)."""
     device = resolve_device(cfg.device)
     source = DatasetSource.resolve(cfg.dataset)
-    loaded = load_model(cfg.model, cfg.model_dtype, str(device))
+    loaded = loaded or load_model(cfg.model, cfg.model_dtype, str(device))
     check_site(cfg.site, list(cfg.layers), loaded.n_layers)
     spec = build_spec(cfg, loaded, source)
     target_contexts = cfg.tokens // cfg.ctx_len
