@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from sae.config import check_choice
 from sae.errors import UserError
 
 # bfloat16 has no numpy dtype: its bits are stored as uint16 and viewed back as bfloat16 on read.
@@ -19,8 +20,7 @@ CODEC_HELP = "none | zstd:LEVEL | blosc-zstd:LEVEL[:shuffle|bitshuffle] | blosc-
 
 
 def zarr_dtype(storage_dtype: str) -> str:
-    if storage_dtype not in STORAGE_DTYPES:
-        raise UserError(f"unknown storage dtype '{storage_dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
+    check_choice("storage dtype", storage_dtype, STORAGE_DTYPES)
     return _ZARR_DTYPES[storage_dtype]
 
 

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from sae.config import check_positive
 from sae.errors import UserError
 
 
@@ -42,8 +43,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+            check_positive(name, getattr(self, name))
         if self.start_doc is not None and self.start_doc < 0:
             raise UserError(f"start_doc must be >= 0, got {self.start_doc}")
         if not 0 < self.dense_threshold < 1:

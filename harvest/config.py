@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae.cache.codecs import STORAGE_DTYPES, compressors
+from sae.config import check_choice, check_positive
 from sae.errors import UserError
 from sae.harvest.model import MODEL_DTYPES, SITES
 
@@ -55,18 +56,13 @@ class HarvestConfig:
             raise UserError("layers is empty; give at least one, e.g. --layer 6")
         if len(set(self.layers)) != len(self.layers):
             raise UserError(f"layers {list(self.layers)} repeat a layer")
-        if self.site not in SITES:
-            raise UserError(f"unknown site '{self.site}'; choose one of {', '.join(SITES)}")
-        if self.packing not in PACKINGS:
-            raise UserError(f"unknown packing '{self.packing}'; choose one of {', '.join(PACKINGS)}")
-        if self.model_dtype not in MODEL_DTYPES:
-            raise UserError(f"unknown model_dtype '{self.model_dtype}'; choose one of {', '.join(MODEL_DTYPES)}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise UserError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
+        check_choice("site", self.site, SITES)
+        check_choice("packing", self.packing, PACKINGS)
+        check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        check_choice("dtype", self.dtype, STORAGE_DTYPES)
         compressors(self.codec)  # raises on an unknown codec
         for name in ("ctx_len", "tokens", "batch_contexts", "chunk_contexts"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+            check_positive(name, getattr(self, name))
         if self.ctx_len < 2:
             raise UserError(f"ctx_len must be at least 2 tokens, got {self.ctx_len}")
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sae.cache.spec import file_sha256
+from sae.config import check_choice
 from sae.errors import UserError
 
 SITES = ("resid_pre", "resid_post")
@@ -92,8 +93,7 @@ def load_model(model_id: str, model_dtype: str = "float32", device: str = "cpu")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if model_dtype not in MODEL_DTYPES:
-        raise UserError(f"unknown model dtype '{model_dtype}'; choose one of {', '.join(MODEL_DTYPES)}")
+    check_choice("model dtype", model_dtype, MODEL_DTYPES)
     source, kwargs, weight_files = _resolve_source(model_id)
     hf_logging.disable_progress_bar()  # ours is the only progress bar
     if "gguf_file" in kwargs:
@@ -116,8 +116,7 @@ def load_model(model_id: str, model_dtype: str = "float32", device: str = "cpu")
 
 
 def check_site(site: str, layers: list[int], n_layers: int) -> None:
-    if site not in SITES:
-        raise UserError(f"unknown site '{site}'; choose one of {', '.join(SITES)}")
+    check_choice("site", site, SITES)
     for layer in layers:
         if not 0 <= layer < n_layers:
             raise UserError(f"layer {layer} out of range: this model has layers 0..{n_layers - 1}")

@@ -64,6 +64,16 @@ def parse_count(text: str | None) -> int | None:
     return int(value)
 
 
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {name} '{value}'; choose one of {', '.join(choices)}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{name} must be positive, got {value}")
+
+
 def check_keys(table: dict[str, Any], valid: list[str], where: str) -> None:
     for key in table:
         if key not in valid:

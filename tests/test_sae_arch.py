@@ -139,7 +139,7 @@ def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_estimate():
         (dict(k=(0,)), "k must be a positive integer, got 0"),
         (dict(k=(64,), dict_size=(32,)), "k=64 exceeds dict_size=32"),
         (dict(dict_size=(0,)), "dict_size must be a positive integer, got 0"),
-        (dict(arch=("batchtop",)), "unknown arch 'batchtop'; choose from batchtopk, topk, jumprelu, relu"),
+        (dict(arch=("batchtop",)), "unknown arch 'batchtop'; choose one of batchtopk, topk, jumprelu, relu"),
         (dict(sweep=({"arch": "topk", "kk": 3},)), r"unknown key 'kk' in \[\[sweep\]\]; did you mean 'k'"),
         (dict(normalize="l2"), "unknown normalize 'l2'"),
     ],

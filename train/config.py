@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sae.config import check_keys
+from sae.config import check_choice, check_keys, check_positive
 from sae.errors import UserError
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
@@ -100,7 +100,7 @@ class TrainConfig:
     """Decode (batch)topk latents with a gather over the k active rows of W_dec (embedding_bag),
     not a dense [B, m] @ [m, d] matmul; False selects the dense reference path."""
     compile: bool = False
-    """torch.compile the SAE forward (CUDA only)."""
+    """torch.compile the SAE forward (worth it on CUDA; on CPU it needs a C compiler)."""
     log_every: int = 50
     """Steps between metrics.jsonl lines and progress updates (the only host-device syncs)."""
     checkpoint_every: int = 2000
@@ -113,14 +113,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("arch", "k", "dict_size", "l0_coeff", "l1_coeff", "betas", "sweep"):
             setattr(self, name, tuple(getattr(self, name)))
-        _check_choice("normalize", self.normalize, NORMALIZATIONS)
-        _check_choice("precision", self.precision, PRECISIONS)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_choice("precision", self.precision, PRECISIONS)
         for name in ("batch_size", "aux_k", "dead_tokens", "buffer_chunks", "loader_threads", "log_every"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("lr", "bandwidth", "jumprelu_init_threshold", "grad_clip", "checkpoint_every"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.tokens is not None:
-            _check_positive("tokens", self.tokens)
+            check_positive("tokens", self.tokens)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 < self.theta_tail <= 1:
@@ -149,8 +149,7 @@ def _expand(table: dict[str, Any], cfg: TrainConfig) -> list[SAESpec]:
     axes = {key: _as_tuple(table.get(key, getattr(cfg, key))) for key in SWEEP_KEYS}
     specs = []
     for arch in axes["arch"]:
-        if arch not in ARCHS:
-            raise UserError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
+        check_choice("arch", arch, ARCHS)
         knob = {"jumprelu": "l0_coeff", "relu": "l1_coeff"}.get(arch, "k")
         for value, dict_size in itertools.product(axes[knob], axes["dict_size"]):
             spec = SAESpec(arch, axes["k"][0], dict_size, axes["l0_coeff"][0], axes["l1_coeff"][0])
@@ -173,13 +172,3 @@ def _check_spec(spec: SAESpec) -> SAESpec:
 
 def _as_tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, list | tuple) else (value,)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"unknown {name} '{value}'; choose from {', '.join(choices)}")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UserError(f"{name} must be positive, got {value}")
