@@ -114,8 +114,8 @@ def _evaluate_group(runs: list[Run], loaded: LoadedModel, cfg: EvalConfig, devic
     cache, layer = runs[0].cache, runs[0].layer
     for run in runs:
         _check_model(run, loaded)
-    plan = eval_plan(cfg, cache.spec, cache.meta["stream_end"], str(cache.path))
-    tokens_CT, plan = heldout_tokens(plan, loaded.tokenizer)
+    plan, source = eval_plan(cfg, cache.spec, cache.meta["stream_end"], str(cache.path))
+    tokens_CT, plan = heldout_tokens(plan, source, loaded.tokenizer)
     plan["model_revision"] = loaded.revision
     saes = [load_sae(run.path, device) for run in runs]
     results = evaluate_saes(loaded, cache, layer, saes, tokens_CT, cfg, device)

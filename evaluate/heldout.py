@@ -30,8 +30,9 @@ def _same_data(source: DatasetSource, config: str | None, split: str, spec: dict
     return (source.location, config, split) == (spec["dataset"], spec["dataset_config"], spec["dataset_split"])
 
 
-def eval_plan(cfg: EvalConfig, spec: dict, stream_end: dict, cache_path: str) -> dict:
-    """Which documents, in which order, and how many tokens; raises if they overlap the cache.
+def eval_plan(cfg: EvalConfig, spec: dict, stream_end: dict, cache_path: str) -> tuple[dict, DatasetSource]:
+    """Which documents, in which order, and how many tokens, and their resolved source (resolving
+    hashes local data, so it is done once); raises if they overlap the cache.
 
     spec is the training cache's spec; fields cfg leaves as None are taken from it."""
     dataset = cfg.dataset if cfg.dataset is not None else spec["dataset"]
@@ -59,7 +60,7 @@ def eval_plan(cfg: EvalConfig, spec: dict, stream_end: dict, cache_path: str) ->
             f"too few evaluation tokens: tokens={cfg.tokens} is less than 2 contexts of {spec['ctx_len']} "
             f"tokens (standard errors need at least 2); raise --tokens"
         )
-    return {
+    plan = {
         "dataset": dataset,
         "dataset_revision": source.revision,
         "dataset_config": config,
@@ -75,11 +76,11 @@ def eval_plan(cfg: EvalConfig, spec: dict, stream_end: dict, cache_path: str) ->
         "n_contexts": n_contexts,
         "n_tokens": n_contexts * spec["ctx_len"],
     }
+    return plan, source
 
 
-def heldout_tokens(plan: dict, tokenizer) -> tuple[np.ndarray, dict]:
+def heldout_tokens(plan: dict, source: DatasetSource, tokenizer) -> tuple[np.ndarray, dict]:
     """int32 [n_contexts, ctx_len] and the plan completed with where the stream stopped and a hash."""
-    source = DatasetSource.resolve(plan["dataset"])
     start, bos = plan["start_doc"], plan["bos_token_id"]
     documents = iter_documents(
         source, plan["dataset_config"], plan["dataset_split"], plan["text_column"], plan["seed"], start_doc=start
