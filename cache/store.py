@@ -23,7 +23,7 @@ import torch
 import zarr
 
 from sae.cache.codecs import STORAGE_DTYPES, compressors, from_storage, to_storage, zarr_dtype
-from sae.cache.spec import KEY_FIELDS, cache_key
+from sae.cache.spec import cache_key
 from sae.errors import UserError
 
 FORMAT = "sae-activation-cache"
@@ -274,7 +274,6 @@ def open_writer(path: Path, spec: dict, storage: dict, d_model: int, provenance:
         if diffs:
             raise UserError(f"spec mismatch extending {path}: {'; '.join(diffs)}")
         return CacheWriter(path, group)
-    assert all(f in spec for f in KEY_FIELDS)
     # Mode "w" would delete the lock file; arrays left by a creation that died before the metadata was
     # written (the metadata goes last) are overwritten.
     group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
