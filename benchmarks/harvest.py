@@ -78,14 +78,21 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(model: str, layer: int, tokens: int, device_name: str = "auto", model_dtype: str = "float32") -> dict:
+def measure(
+    model: str,
+    layer: int,
+    tokens: int,
+    device_name: str = "auto",
+    model_dtype: str = "float32",
+    batch_contexts: int = 32,
+) -> dict:
     """Harvest vs plain forward on the same contexts and loaded model, their MFU, and the codec table."""
     device = resolve_device(device_name)
     loaded = load_model(model, model_dtype, str(device))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = HarvestConfig(
             model=model, layers=(layer,), tokens=tokens, device=device_name, model_dtype=model_dtype,
-            dtype="float32", codec="none", cache_dir=Path(tmp),
+            batch_contexts=batch_contexts, dtype="float32", codec="none", cache_dir=Path(tmp),
         )  # fmt: skip
         shutil.rmtree(harvest(cfg, loaded))  # warm-up: tokenizer, dataset caches, allocator
         start = time.perf_counter()
@@ -106,6 +113,7 @@ def measure(model: str, layer: int, tokens: int, device_name: str = "auto", mode
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": model, "layer": layer, "n_layers": loaded.n_layers, "tokens": int(tokens_NT.size),
+        "model_dtype": model_dtype, "batch_contexts": batch_contexts,
         "plain_tok_s": plain, "harvest_tok_s": ours, "ratio": ours / plain,
         "plain_mfu": plain * plain_flops / peak, "harvest_mfu": ours * harvest_flops / peak,
         "peak_flops": peak, "peak_source": peak_source, "codecs": codec_rows,
@@ -113,7 +121,10 @@ def measure(model: str, layer: int, tokens: int, device_name: str = "auto", mode
 
 
 def report(r: dict) -> None:
-    print(f"device: {r['device']}; model {r['model']}, layer {r['layer']} of {r['n_layers']}, {r['tokens']:,} tokens")
+    print(
+        f"device: {r['device']}; model {r['model']} ({r['model_dtype']}), layer {r['layer']} of {r['n_layers']}, "
+        f"{r['tokens']:,} tokens, {r['batch_contexts']} contexts per forward"
+    )
     print(f"plain full forward : {r['plain_tok_s']:10,.0f} tok/s   MFU {r['plain_mfu']:6.1%}")
     print(
         f"sae harvest        : {r['harvest_tok_s']:10,.0f} tok/s   MFU {r['harvest_mfu']:6.1%} (all of it, writing included)"
@@ -137,8 +148,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model-dtype", default="float32")
+    parser.add_argument("--batch-contexts", type=int, default=32)
     args = parser.parse_args()
-    results = measure(args.model, args.layer, args.tokens, args.device, args.model_dtype)
+    results = measure(args.model, args.layer, args.tokens, args.device, args.model_dtype, args.batch_contexts)
     report(results)
     print(json.dumps(results))
 

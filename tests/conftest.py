@@ -9,40 +9,19 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-SAMPLE = Path(__file__).parent.parent / "sae" / "data" / "openwebtext-sample.parquet"
+from benchmarks import models
 
 
 @pytest.fixture(scope="session")
 def sample_texts() -> list[str]:
-    return pq.read_table(SAMPLE, columns=["text"]).column("text").to_pylist()
+    return models.sample_texts()
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(sample_texts):
     """A byte-level BPE tokenizer with 512 tokens trained on the bundled OpenWebText sample."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|bos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(sample_texts[:200], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|bos|>", eos_token="<|bos|>")
-
-
-def _save_model(directory: Path, config, tokenizer) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return models.bpe_tokenizer(sample_texts[:200], vocab_size=512)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +29,7 @@ def tiny_gpt2(tmp_path_factory, tiny_tokenizer) -> Path:
     from transformers import GPT2Config
 
     config = GPT2Config(vocab_size=512, n_positions=256, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)
-    return _save_model(tmp_path_factory.mktemp("tiny-gpt2"), config, tiny_tokenizer)
+    return models.save_random_model(tmp_path_factory.mktemp("tiny-gpt2"), config, tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +40,7 @@ def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
-    return _save_model(tmp_path_factory.mktemp("tiny-llama"), config, tiny_tokenizer)
+    return models.save_random_model(tmp_path_factory.mktemp("tiny-llama"), config, tiny_tokenizer)
 
 
 @pytest.fixture

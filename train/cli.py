@@ -36,6 +36,7 @@ def train_command(
     tokens: str = Opt(None, help="Training tokens per SAE, e.g. 1e9 (default: one pass over the cache)."),
     batch_size: int = Opt(None, help="Activations per step (paper: 4096)."),
     lr: float = Opt(None, help="Adam learning rate (paper: 3e-4)."),
+    threshold_lr: float = Opt(None, help="JumpReLU log-threshold learning rate (default: --lr)."),
     seed: int = Opt(None, help="Seed of the initialisation and data order."),
     normalize: str = Opt(None, help="none, standardize (per sample, reference code) or scale (E‖x‖=√d)."),
     drop_bos: bool = Opt(None, "--drop-bos/--keep-bos", help="Leave BOS rows out of training."),
@@ -47,7 +48,7 @@ def train_command(
     dead_tokens: int = Opt(None, help="Tokens without firing after which a latent counts as dead."),
     device: str = Opt(None, help="auto, cpu, cuda, cuda:1, ..."),
     precision: str = Opt(None, help="fp32, tf32 or bf16 (CUDA matmuls; weights stay fp32)."),
-    sparse_decode: bool = Opt(None, "--sparse-decode/--dense-decode", help="Gather decode for (batch)topk."),
+    decode: str = Opt(None, help="(batch)topk decode: auto (sparse on CPU, dense on CUDA), sparse or dense."),
     compile: bool = Opt(None, "--compile/--no-compile", help="torch.compile the SAE forward."),
     log_every: int = Opt(None, help="Steps between metrics lines."),
     checkpoint_every: int = Opt(None, help="Steps between resumable checkpoints."),
@@ -62,10 +63,10 @@ def train_command(
     overrides = dict(
         arch=parse_list(arch, str), k=parse_list(k, int), dict_size=parse_list(dict_size, int),
         l0_coeff=parse_list(l0_coeff, float), l1_coeff=parse_list(l1_coeff, float), layer=layer,
-        tokens=parse_count(tokens), batch_size=batch_size, lr=lr, seed=seed, normalize=normalize,
+        tokens=parse_count(tokens), batch_size=batch_size, lr=lr, threshold_lr=threshold_lr, seed=seed, normalize=normalize,
         drop_bos=drop_bos, drop_first=drop_first, drop_norm_quantile=drop_norm_quantile,
         holdout_chunks=holdout_chunks, aux_k=aux_k, aux_coeff=aux_coeff, dead_tokens=dead_tokens,
-        device=device, precision=precision, sparse_decode=sparse_decode, compile=compile,
+        device=device, precision=precision, decode=decode, compile=compile,
         log_every=log_every, checkpoint_every=checkpoint_every, out=out, wandb=wandb,
     )  # fmt: skip
     if resume is not None:

@@ -49,7 +49,8 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 def configure_backend(device: torch.device, precision: str) -> None:
     """CUDA: select the device; TF32 matmuls unless fp32 was asked for. CPU: nothing to set."""
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:  # "cuda" alone means the current device
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
 
 
@@ -73,15 +74,20 @@ def holdout_chunks(cache: Cache, n_full: int) -> list[int]:
 
 def make_sae(cfg: TrainConfig, spec, d_in: int, device: torch.device) -> SparseAutoencoder:
     torch.manual_seed(cfg.seed)  # every SAE starts from the reference code's seed
+    sparse_decode = cfg.decode == "sparse" or (cfg.decode == "auto" and device.type != "cuda")
     return SparseAutoencoder(
         spec, d_in, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff, dead_tokens=cfg.dead_tokens,
-        bandwidth=cfg.bandwidth, init_threshold=cfg.jumprelu_init_threshold, sparse_decode=cfg.sparse_decode,
+        bandwidth=cfg.bandwidth, init_threshold=cfg.jumprelu_init_threshold, sparse_decode=sparse_decode,
     ).to(device)  # fmt: skip
 
 
 def make_optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Adam:
     fused = sae.W_enc.is_cuda  # one kernel for all parameters instead of a loop over them
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    thresholds = [p for name, p in sae.named_parameters() if name == "log_threshold"]
+    groups = [{"params": [p for name, p in sae.named_parameters() if name != "log_threshold"]}]
+    if thresholds:
+        groups.append({"params": thresholds, "lr": cfg.threshold_lr or cfg.lr})
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 def train_step(sae: torch.nn.Module, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int, step: int):
