@@ -40,6 +40,7 @@ STAT_COLUMNS = (
     "plain_norm_sum",
     "plain_norm_sq_sum",
 )
+NORM_MAX = STAT_COLUMNS.index("norm_max")
 
 
 def acts_name(layer: int) -> str:
@@ -175,23 +176,48 @@ def summarize_chunk_stats(stats_CS: np.ndarray) -> dict[str, Any]:
     }
 
 
-def chunk_stats(acts_RD: torch.Tensor, plain_R: torch.Tensor) -> np.ndarray:
-    """One row of STAT_COLUMNS followed by the per-dimension sum, in float64."""
+def plain_rows(tokens_CT: torch.Tensor, bos_token_id: int) -> torch.Tensor:
+    """[C*T] bool: rows that are neither a BOS token nor a context's first position."""
+    plain_CT = tokens_CT != bos_token_id
+    plain_CT[:, 0] = False
+    return plain_CT.reshape(-1)
+
+
+def chunk_stats(acts_RD: torch.Tensor, plain_R: torch.Tensor) -> torch.Tensor:
+    """One row of STAT_COLUMNS followed by the per-dimension sum: float64, on acts' device, no sync.
+    A NaN or inf anywhere in acts makes norm_sum non-finite, which is how writers detect them."""
     acts_RD = acts_RD.double()
     norms_R = acts_RD.norm(dim=1)
-    plain_norms = norms_R[plain_R]
-    head = [len(norms_R), norms_R.sum(), norms_R.square().sum(), norms_R.max()]
-    head += [len(plain_norms), plain_norms.sum(), plain_norms.square().sum()]
-    return torch.cat([torch.tensor([float(v) for v in head], dtype=torch.float64), acts_RD.sum(0)]).numpy()
+    plain_norms_R = torch.where(plain_R, norms_R, 0.0)
+    head = [norms_R.new_tensor(float(len(norms_R))), norms_R.sum(), norms_R.square().sum(), norms_R.max()]
+    head += [plain_R.sum().double(), plain_norms_R.sum(), plain_norms_R.square().sum()]
+    return torch.cat([torch.stack(head), acts_RD.sum(0)])
+
+
+def merge_chunk_stats(stats_NS):
+    """Rows of chunk_stats (torch or numpy) of disjoint row sets as one row of their union."""
+    merged_S = stats_NS.sum(0)
+    merged_S[NORM_MAX] = stats_NS[:, NORM_MAX].max()
+    return merged_S
 
 
 class CacheWriter:
-    """Writes chunks in order under the writer lock; `write_chunk` commits each one."""
+    """Writes chunks under the writer lock. Chunk data may be written concurrently (each chunk's files
+    are its own); commits go in chunk order. `write_chunk` does both for one chunk."""
 
     def __init__(self, path: Path, group: zarr.Group):
         self.path = path
         self.group = group
         self.meta = group.attrs[META_KEY]
+        # Stats of the full chunks before resume["chunk_index"], kept so a commit costs O(1), not a
+        # re-read of every chunk's row (61k of them for 1e9 GPT-2 tokens).
+        n_full = self.resume["chunk_index"]
+        self._full_stats = {
+            layer: merge_chunk_stats(self.group[f"chunk_stats/{layer}"][:n_full])
+            if n_full
+            else np.zeros(self.group[f"chunk_stats/{layer}"].shape[1])
+            for layer in self.meta["spec"]["layers"]
+        }
 
     @property
     def n_contexts(self) -> int:
@@ -216,40 +242,51 @@ class CacheWriter:
         self, chunk_index: int, tokens_CT: np.ndarray, acts: dict[int, torch.Tensor], stream_after: dict
     ) -> None:
         """Write chunk `chunk_index` (tokens and every layer's [C*T, D] CPU acts), then commit it."""
-        meta, spec = self.meta, self.meta["spec"]
-        chunk_contexts, ctx_len = meta["storage"]["chunk_contexts"], spec["ctx_len"]
-        assert chunk_index == self.resume["chunk_index"], f"chunk {chunk_index} != {self.resume['chunk_index']}"
+        dtype = STORAGE_DTYPES[self.meta["spec"]["dtype"]]
+        acts = {layer: acts_RD.to(dtype) for layer, acts_RD in acts.items()}
+        plain_R = plain_rows(torch.from_numpy(tokens_CT), self.meta["spec"]["bos_token_id"])
+        stats = {layer: chunk_stats(acts_RD, plain_R).numpy() for layer, acts_RD in acts.items()}
+        self.write_chunk_data(chunk_index, tokens_CT, acts)
+        self.commit_chunk(chunk_index, len(tokens_CT), stats, stream_after)
+
+    def write_chunk_data(self, chunk_index: int, tokens_CT: np.ndarray, acts: dict[int, torch.Tensor]) -> None:
+        """Write chunk `chunk_index`'s files (tokens; every layer's [C*T, D] CPU acts in the storage
+        dtype) without committing them. Safe to run for different chunks at once."""
+        chunk_contexts, ctx_len = self.meta["storage"]["chunk_contexts"], self.meta["spec"]["ctx_len"]
         n_ctx = len(tokens_CT)
         assert 0 < n_ctx <= chunk_contexts, f"{n_ctx} contexts do not fit a chunk of {chunk_contexts}"
         ctx0, row0 = chunk_index * chunk_contexts, chunk_index * chunk_contexts * ctx_len
         self.group["tokens"][ctx0 : ctx0 + n_ctx] = tokens_CT
-        plain_R = np.ones(tokens_CT.shape, dtype=bool)
-        plain_R[:, 0] = False
-        plain_R &= tokens_CT != spec["bos_token_id"]
-        plain_R = torch.from_numpy(plain_R.reshape(-1))
         for layer, acts_RD in acts.items():
-            acts_RD = acts_RD.to(STORAGE_DTYPES[spec["dtype"]])
-            if not torch.isfinite(acts_RD).all():  # float16 overflows above 65504
+            self.group[acts_name(layer)][row0 : row0 + n_ctx * ctx_len] = to_storage(
+                acts_RD, self.meta["spec"]["dtype"]
+            )
+
+    def commit_chunk(self, chunk_index: int, n_ctx: int, stats: dict[int, np.ndarray], stream_after: dict) -> None:
+        """Commit chunk `chunk_index` (its files written, `stats` its chunk_stats row per layer): the
+        next chunk to commit, unless its activations hold a NaN or inf, which commits nothing."""
+        chunk_contexts = self.meta["storage"]["chunk_contexts"]
+        assert chunk_index == self.resume["chunk_index"], f"chunk {chunk_index} != {self.resume['chunk_index']}"
+        ctx0 = chunk_index * chunk_contexts
+        for layer, stats_S in stats.items():
+            if not np.isfinite(stats_S[STAT_COLUMNS.index("norm_sum")]):  # float16 overflows above 65504
                 raise UserError(
                     f"non-finite activations (NaN/inf) at layer {layer} in contexts {ctx0}..{ctx0 + n_ctx - 1}"
-                    f" (in {spec['dtype']}); nothing from this chunk was committed; try --model-dtype float32"
-                    f" or --dtype float32"
+                    f" (in {self.meta['spec']['dtype']}); nothing from this chunk was committed; try"
+                    f" --model-dtype float32 or --dtype float32"
                 )
-            self.group[acts_name(layer)][row0 : row0 + n_ctx * ctx_len] = to_storage(acts_RD, spec["dtype"])
-            self.group[f"chunk_stats/{layer}"][chunk_index] = chunk_stats(acts_RD, plain_R)
-        self._commit(chunk_index, ctx0 + n_ctx, stream_after, full=n_ctx == chunk_contexts)
-
-    def _commit(self, chunk_index: int, n_contexts: int, stream_after: dict, full: bool) -> None:
+        full = n_ctx == chunk_contexts  # a partial last chunk is rewritten whole by the next extension
         meta = dict(self.meta)
-        meta["n_contexts"] = n_contexts
+        meta["n_contexts"] = ctx0 + n_ctx
         meta["stream_end"] = stream_after  # evaluation holds out the documents after this point
-        if full:  # a partial last chunk is rewritten whole by the next extension, from its start
+        if full:
             meta["resume"] = {"chunk_index": chunk_index + 1, "stream": stream_after}
-        n_chunks = -(-n_contexts // meta["storage"]["chunk_contexts"])
-        meta["stats"] = {
-            str(layer): summarize_chunk_stats(self.group[f"chunk_stats/{layer}"][:n_chunks])
-            for layer in meta["spec"]["layers"]
-        }
+        meta["stats"] = {}
+        for layer, stats_S in stats.items():
+            self.group[f"chunk_stats/{layer}"][chunk_index] = stats_S
+            meta["stats"][str(layer)] = summarize_chunk_stats(np.stack([self._full_stats[layer], stats_S]))
+            if full:
+                self._full_stats[layer] = merge_chunk_stats(np.stack([self._full_stats[layer], stats_S]))
         meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.group.attrs[META_KEY] = meta
         self.meta = meta

@@ -1,12 +1,14 @@
 """`sae harvest`: run the LM over text and append residual-stream activations to the cache.
 
 Per chunk: contexts from the token stream -> forward passes that stop after the last hooked block ->
-activations copied (pinned, non-blocking on CUDA) into one of two host buffers -> a writer thread
-compresses and commits that chunk while the next chunk's forward passes run.
+activations converted to the storage dtype and summed into the chunk's statistics on the model's
+device, then copied (pinned, non-blocking on CUDA) into a host buffer -> writer threads compress and
+write up to WRITERS chunks while the next chunk's forward passes run -> commits in chunk order.
 """
 
+import collections
 import itertools
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 from sae.cache.codecs import STORAGE_DTYPES
 from sae.cache.lock import writer_lock
 from sae.cache.spec import cache_dir_name
-from sae.cache.store import CacheWriter, default_cache_root, open_writer
+from sae.cache.store import CacheWriter, chunk_stats, default_cache_root, merge_chunk_stats, open_writer, plain_rows
 from sae.config import to_jsonable
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
@@ -24,6 +26,8 @@ from sae.harvest.model import LoadedModel, check_site, load_model
 from sae.harvest.text import DatasetSource, iter_contexts, iter_documents, iter_token_docs
 from sae.progress import console, make_progress
 from sae.versions import library_versions
+
+WRITERS = 3  # chunks compressed and written at once (zstd releases the GIL)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,19 +91,25 @@ def _harvest_chunks(
     token_docs = iter_token_docs(documents, loaded.tokenizer, loaded.bos_token_id, first_doc=position["doc"])
     contexts = iter_contexts(token_docs, ctx_len, cfg.packing, loaded.bos_token_id, position)
     pin = device.type == "cuda"
-    # Two host buffers per layer: the writer thread reads one while the forward passes fill the other.
+    storage_dtype = STORAGE_DTYPES[cfg.dtype]
+    # One host buffer per chunk in flight: the forward passes fill one while up to WRITERS threads
+    # compress and write the ones before it. Commits stay in chunk order, in this thread.
     buffers = [
         {
-            layer: torch.empty(
-                chunk_contexts * ctx_len, loaded.d_model, dtype=STORAGE_DTYPES[cfg.dtype], pin_memory=pin
-            )
+            layer: torch.empty(chunk_contexts * ctx_len, loaded.d_model, dtype=storage_dtype, pin_memory=pin)
             for layer in cfg.layers
         }
-        for _ in range(2)
+        for _ in range(WRITERS + 1)
     ]
-    writing: Future | None = None
+    in_flight: collections.deque = collections.deque()  # (future of the data write, commit arguments)
+
+    def commit_oldest() -> None:
+        future, commit_args = in_flight.popleft()
+        future.result()  # surfaces the write's errors
+        writer.commit_chunk(*commit_args)
+
     n_chunks = -(-target // chunk_contexts)
-    with ThreadPoolExecutor(max_workers=1) as pool, make_progress("tok") as progress:
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool, make_progress("tok") as progress:
         done = first_chunk * chunk_contexts * ctx_len
         task = progress.add_task("harvest", total=target * ctx_len, completed=done, status="")
         for chunk_index in range(first_chunk, n_chunks):
@@ -108,22 +118,29 @@ def _harvest_chunks(
             if not batch:
                 break
             tokens_CT = np.stack([context for context, _ in batch])
-            buffer = buffers[chunk_index % 2]
+            buffer = buffers[chunk_index % len(buffers)]  # its last chunk is committed: see the end of the loop
+            batch_stats = {layer: [] for layer in cfg.layers}
             for b0 in range(0, len(batch), cfg.batch_contexts):
                 ids_BT = torch.from_numpy(tokens_CT[b0 : b0 + cfg.batch_contexts]).to(device, non_blocking=pin).long()
+                plain_R = plain_rows(ids_BT, loaded.bos_token_id)
                 acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
                 rows = slice(b0 * ctx_len, (b0 + len(ids_BT)) * ctx_len)
                 for layer, acts_BTD in acts.items():
-                    buffer[layer][rows].copy_(acts_BTD.reshape(-1, loaded.d_model), non_blocking=pin)
+                    # Conversion and statistics on the model's device: the host only compresses.
+                    stored_RD = acts_BTD.reshape(-1, loaded.d_model).to(storage_dtype)
+                    batch_stats[layer].append(chunk_stats(stored_RD, plain_R))
+                    buffer[layer][rows].copy_(stored_RD, non_blocking=pin)
                 progress.advance(task, ids_BT.numel())
+            stats = {layer: merge_chunk_stats(torch.stack(rows)).cpu().numpy() for layer, rows in batch_stats.items()}
             if pin:
-                torch.cuda.current_stream(device).synchronize()  # the copies must land before the writer reads
-            if writing is not None:
-                writing.result()  # surfaces the writer's errors; also frees the other buffer
+                torch.cuda.current_stream(device).synchronize()  # the copies must land before a writer reads
             n_rows = len(batch) * ctx_len
             chunk = {layer: buffer[layer][:n_rows] for layer in cfg.layers}
-            writing = pool.submit(writer.write_chunk, chunk_index, tokens_CT, chunk, batch[-1][1])
+            future = pool.submit(writer.write_chunk_data, chunk_index, tokens_CT, chunk)
+            in_flight.append((future, (chunk_index, len(batch), stats, batch[-1][1])))
+            while len(in_flight) > WRITERS or (in_flight and in_flight[0][0].done()):
+                commit_oldest()
             if len(batch) < wanted:
                 break
-        if writing is not None:
-            writing.result()
+        while in_flight:
+            commit_oldest()

@@ -8,6 +8,7 @@ import click
 import typer
 
 from sae.cache.cli import cache_app
+from sae.config import parse_sets
 from sae.errors import UserError
 from sae.evaluate.cli import compare_command, eval_command
 from sae.harvest.cli import harvest_command
@@ -26,9 +27,17 @@ app.add_typer(cache_app, name="cache")
 def run_command(
     config: Path = typer.Option(None, help="pipeline.toml to read (default: ./pipeline.toml if present)."),
     out: Path = typer.Option(None, help="Parent of the run directories (default: [train] out, ./runs)."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="STAGE.KEY=VALUE over the file's value, e.g. train.drop_bos=true; repeatable."
+    ),
 ) -> None:
     """The whole pipeline as pipeline.toml describes it: harvest, train, eval, compare."""
-    print(run_pipeline(config, out))
+    from sae.evaluate.config import EvalConfig
+    from sae.harvest.config import HarvestConfig
+    from sae.train.config import TrainConfig
+
+    stages = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig}
+    print(run_pipeline(config, out, parse_sets(set_ or [], stages)))
 
 
 def main() -> None:

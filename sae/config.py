@@ -64,6 +64,24 @@ def parse_count(text: str | None) -> int | None:
     return int(value)
 
 
+def parse_sets(items: list[str], stages: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """["train.drop_bos=true", ...] -> {"train": {"drop_bos": True}, ...}: one override per item, the
+    value read as TOML (true, 0.01, [16, 32]) or else as a plain string; keys checked like the file's."""
+    sets: dict[str, dict[str, Any]] = {stage: {} for stage in stages}
+    for item in items:
+        target, sep, text = item.partition("=")
+        stage, dot, key = target.strip().partition(".")
+        if not sep or not dot or not key:
+            raise UserError(f"--set takes STAGE.KEY=VALUE (e.g. train.drop_bos=true), got '{item}'")
+        check_keys({stage: None}, list(stages), "--set")
+        check_keys({key: None}, [f.name for f in dataclasses.fields(stages[stage])], f"--set {stage}.")
+        try:
+            sets[stage][key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            sets[stage][key] = text
+    return sets
+
+
 def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise UserError(f"unknown {name} '{value}'; choose one of {', '.join(choices)}")

@@ -40,9 +40,10 @@ def resolve_cache(cache: Path | None, config_path: Path | None) -> Path:
     return max(matches, key=lambda c: c.n_contexts).path
 
 
-def run_pipeline(config_path: Path | None, out: Path | None) -> Path:
+def run_pipeline(config_path: Path | None, out: Path | None, sets: dict[str, dict] | None = None) -> Path:
     """harvest → train (the [train]/[[sweep]] SAEs, one pass) → eval each run → compare; returns the
-    comparison folder. Each stage reads its table of pipeline.toml, exactly as its own command does."""
+    comparison folder. Each stage reads its table of pipeline.toml, exactly as its own command does,
+    then the overrides in sets[stage] ({"train": {"drop_bos": True}}, from `--set`)."""
     from sae.evaluate.compare import compare_runs
     from sae.evaluate.config import EvalConfig
     from sae.evaluate.evaluate import evaluate_runs
@@ -50,10 +51,11 @@ def run_pipeline(config_path: Path | None, out: Path | None) -> Path:
     from sae.train.cli import train_config
     from sae.train.trainer import run_training
 
-    cache = harvest(stage_config(HarvestConfig, "harvest", config_path, {}))
-    train_cfg = train_config(config_path, {"out": out})
+    sets = sets or {}
+    cache = harvest(stage_config(HarvestConfig, "harvest", config_path, sets.get("harvest", {})))
+    train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out})
     run_dirs = run_training(train_cfg, cache)
-    evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, {}))
+    evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, sets.get("eval", {})))
     out_dir = Path(train_cfg.out)
     # beside the runs, not among them: `sae eval runs/*` and `sae compare runs/*` must see only runs
     return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison"))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sae.config import parse_count, parse_ints, read_pipeline_toml, stage_config, to_jsonable
+from sae.config import parse_count, parse_ints, parse_sets, read_pipeline_toml, stage_config, to_jsonable
 from sae.errors import UserError
 from sae.evaluate.config import EvalConfig
 from sae.harvest.config import HarvestConfig
@@ -50,3 +50,19 @@ def test_flag_parsers():
         parse_count("lots")
     with pytest.raises(UserError, match="expected comma-separated integers, got '6;8'"):
         parse_ints("6;8")
+
+
+def test_set_overrides_parse_toml_values_and_check_keys():
+    stages = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig}
+    sets = parse_sets(["train.drop_bos=true", "train.k=[16, 32]", "train.out=runs-x", "eval.tokens=8192"], stages)
+    assert sets == {
+        "harvest": {},
+        "train": {"drop_bos": True, "k": [16, 32], "out": "runs-x"},
+        "eval": {"tokens": 8192},
+    }
+    with pytest.raises(UserError, match=r"unknown key 'drop_boss' in --set train\.; did you mean 'drop_bos'\?"):
+        parse_sets(["train.drop_boss=true"], stages)
+    with pytest.raises(UserError, match="unknown key 'trian' in --set; did you mean 'train'"):
+        parse_sets(["trian.k=16"], stages)
+    with pytest.raises(UserError, match="--set takes STAGE.KEY=VALUE"):
+        parse_sets(["drop_bos"], stages)
