@@ -11,7 +11,6 @@ planted data, so a speed-up is not bought with quality.
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import tempfile
@@ -26,7 +25,7 @@ from sae.cache.store import open_cache
 from sae.train.config import TrainConfig
 from sae.train.loader import Loader
 from sae.train.synthetic import planted_acts, write_cache
-from sae.train.trainer import configure_backend, make_optimizer, make_sae, run_training, train_step
+from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, run_training, train_step
 
 BASELINE = "reference-style (dense fp32)"
 DEFAULT = "ours, sparse decode"  # TF32 on CUDA; the trainer's default decode on CPU
@@ -37,12 +36,12 @@ def ours_step(cfg: TrainConfig, d: int, device: torch.device):
     sae = make_sae(cfg, spec, d, device)
     model = torch.compile(sae) if cfg.compile else sae
     opt = make_optimizer(cfg, sae)
-
-    steps = itertools.count()
+    dead = DeadLatents(sae)
 
     def step(x):
         x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-5)  # same input as the baseline
-        return train_step(sae, model, opt, x, cfg, world=1, step=next(steps)).mse.detach()
+        out = train_step(sae, model, opt, x, cfg, world=1, dead=dead)
+        return out.mse.detach()
 
     return step
 

@@ -9,6 +9,7 @@ from sae.config import parse_count, parse_ints, parse_sets, read_pipeline_toml, 
 from sae.errors import UserError
 from sae.evaluate.config import EvalConfig
 from sae.harvest.config import HarvestConfig
+from sae.train.cli import train_config
 from sae.train.config import TrainConfig
 
 PIPELINE_TOML = Path(__file__).parent.parent / "pipeline.toml"
@@ -66,3 +67,11 @@ def test_set_overrides_parse_toml_values_and_check_keys():
         parse_sets(["trian.k=16"], stages)
     with pytest.raises(UserError, match="--set takes STAGE.KEY=VALUE"):
         parse_sets(["drop_bos"], stages)
+
+
+@pytest.mark.parametrize("name, n_saes", [("pipeline.toml", 2), ("paper.toml", 10), ("paper-gpt2.toml", 9)])
+def test_shipped_experiment_files_build_valid_configs(name, n_saes):
+    path = Path(__file__).parent.parent / name
+    for section, config_class in [("harvest", HarvestConfig), ("eval", EvalConfig)]:
+        stage_config(config_class, section, path, {})
+    assert len(train_config(path, {}).specs()) == n_saes

@@ -7,7 +7,7 @@ from sae.errors import UserError
 from sae.train.config import SAESpec, TrainConfig
 from sae.train.sae import SparseAutoencoder, decode_dense, decode_sparse, select_batchtopk, select_topk
 from sae.train.synthetic import planted_acts
-from sae.train.trainer import configure_backend, make_optimizer, make_sae, train_step
+from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, train_step
 
 D, FEATURES, K = 64, 128, 4
 
@@ -30,13 +30,14 @@ def fit(arch: str, data_ND: torch.Tensor, steps: int, init=None, **overrides) ->
     if init is not None:
         init(sae)
     opt = make_optimizer(cfg, sae)
+    dead = DeadLatents(sae)
     n_batches = len(data_ND) // cfg.batch_size
     for step in range(steps):
         if step == int(steps * (1 - cfg.theta_tail)):
             sae.reset_theta()
         b = step % n_batches
         x_BD = data_ND[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        train_step(sae, sae, opt, x_BD, cfg, world=1, step=step)
+        train_step(sae, sae, opt, x_BD, cfg, world=1, dead=dead)
     return sae.eval()
 
 
@@ -109,7 +110,7 @@ def test_sparse_and_dense_paths_train_the_same_module(arch):
         torch.manual_seed(0)
         sae = SparseAutoencoder(SAESpec(arch, K, 256, 0.0, 0.0), D, aux_k=32, dead_tokens=1, sparse_decode=sparse)
         sae.tokens_since_fired_M[::2] = 10  # half the latents dead
-        out = sae(x_BD, with_aux=True)
+        out = sae(x_BD, aux_k=32)
         out.loss.backward()
         grads.append([out.loss.detach(), out.aux.detach()] + [p.grad for p in sae.parameters()])
     assert grads[0][1] > 0
@@ -152,3 +153,18 @@ def test_bad_sae_settings_are_one_line_errors(fields, message):
 def test_sweep_grid_crosses_each_arch_with_its_own_knob():
     cfg = TrainConfig(arch=("batchtopk", "jumprelu"), k=(16, 32), dict_size=(1024,), l0_coeff=(0.004,))
     assert [s.name for s in cfg.specs()] == ["batchtopk_k16_m1024", "batchtopk_k32_m1024", "jumprelu_l0c0.004_m1024"]
+
+
+def test_auxk_sized_to_the_dead_count_equals_auxk_at_full_width():
+    torch.manual_seed(0)
+    x_BD = torch.randn(64, 16) * 3
+    sae = SparseAutoencoder(SAESpec("topk", 4, 256, 0.0, 0.0), 16, aux_k=64, dead_tokens=100).eval()
+    assert DeadLatents(sae).aux_k() == 0  # nothing dead: AuxK is skipped
+    sae.tokens_since_fired_M[:5] = 100  # 5 dead latents
+    dead = DeadLatents(sae)
+    assert dead.aux_k() == 8  # the next power of two
+    assert sae(x_BD, aux_k=8).aux > 0
+    torch.testing.assert_close(sae(x_BD, aux_k=8).aux, sae(x_BD, aux_k=64).aux)
+    sae.tokens_since_fired_M[:200] = 100
+    dead.record()
+    assert dead.aux_k() == 64  # capped at aux_k

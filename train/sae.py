@@ -175,10 +175,9 @@ class SparseAutoencoder(nn.Module):
         return latents_BM @ self.W_dec + self.b_dec
 
     # -- training form ---------------------------------------------------------------------------
-    def forward(self, x_BD: Tensor, with_aux: bool = False) -> SAEOutput:
-        """with_aux: add AuxK (topk, batchtopk). The trainer turns it on once a latent can be dead, by
-        a host-side token count, so the loop never waits on the device to decide; a batch with no dead
-        latent adds exactly 0."""
+    def forward(self, x_BD: Tensor, aux_k: int = 0) -> SAEOutput:
+        """aux_k: width of AuxK's top-k over the dead latents (topk, batchtopk); 0: no AuxK. The trainer
+        sizes it from the dead count (train.trainer.DeadLatents); a batch with no dead latent adds 0."""
         B = x_BD.shape[0]
         pre_BM = self.pre_acts(x_BD)
         zero = pre_BM.new_zeros(())
@@ -192,8 +191,8 @@ class SparseAutoencoder(nn.Module):
             l0_B = torch.zeros(B, device=x_BD.device).index_add_(0, active.rows_N, fired_N.float())
             # a sum, not a boolean-mask gather: no data-dependent shape, so torch.compile keeps one graph
             fired_M = torch.zeros(self.m, device=x_BD.device).index_add_(0, active.cols_N, fired_N.float()) > 0
-            if with_aux:
-                aux = self.aux_coeff * self.auxk_loss(x_BD, recon_BD, pre_BM)
+            if aux_k:
+                aux = self.aux_coeff * self.auxk_loss(x_BD, recon_BD, pre_BM, aux_k)
             if self.training and self.spec.arch == "batchtopk":
                 self._track_theta(active.acts_N.detach())
         else:
@@ -212,10 +211,10 @@ class SparseAutoencoder(nn.Module):
             self.tokens_since_fired_M.add_(B).masked_fill_(fired_M, 0)
         return SAEOutput(recon_BD, latents, l0_B, fired_M, mse, sparsity, aux, mse + sparsity + aux)
 
-    def auxk_loss(self, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor) -> Tensor:
+    def auxk_loss(self, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor, aux_k: int) -> Tensor:
         """Gao et al.: reconstruct the residual from the aux_k largest dead latents (no b_dec)."""
-        dead_M = self.tokens_since_fired_M >= self.dead_tokens
-        active = select_topk(pre_BM * dead_M, min(self.aux_k, self.m))  # live latents score 0 and add nothing
+        dead_M = self.dead_M()
+        active = select_topk(pre_BM * dead_M, min(aux_k, self.m))  # live latents score 0 and add nothing
         decode = decode_sparse if self.sparse_decode else decode_dense
         residual_BD = (x_BD - recon_BD).detach()
         return (decode(active, self.W_dec).float() - residual_BD.float()).square().mean() * dead_M.any()
@@ -232,8 +231,12 @@ class SparseAutoencoder(nn.Module):
         self.theta_sum.zero_()
         self.theta_count.zero_()
 
+    def dead_M(self) -> Tensor:
+        """[m] bool: latents that have not fired for dead_tokens tokens."""
+        return self.tokens_since_fired_M >= self.dead_tokens
+
     def dead_fraction(self) -> Tensor:
-        return (self.tokens_since_fired_M >= self.dead_tokens).float().mean()
+        return self.dead_M().float().mean()
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

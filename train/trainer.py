@@ -90,11 +90,40 @@ def make_optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Adam
     return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
-def train_step(sae: torch.nn.Module, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int, step: int):
-    """Optimiser step `step` (from 0) of one SAE; `model` is the SAE or its torch.compile wrapper."""
-    with_aux = step * cfg.batch_size >= cfg.dead_tokens  # only from then on can a latent be dead
+class DeadLatents:
+    """An SAE's dead-latent count, read one step late so that no step waits for the device (on CPU
+    the read is current). It sizes AuxK: 0 (skipped) when no latent was dead, else the next power of
+    two at or above the count, capped at aux_k: AuxK's top-k and decode then cost what the dead
+    latents need (on CPU, AuxK at a fixed 512 more than doubled a step once few latents were dead),
+    and torch.compile sees at most log2(aux_k) + 1 shapes."""
+
+    def __init__(self, sae: SparseAutoencoder):
+        self.sae = sae
+        cuda = sae.W_enc.is_cuda
+        self._n_dead = sae.dead_M().sum().cpu().pin_memory() if cuda else sae.dead_M().sum()
+        self._event = torch.cuda.Event() if cuda else None
+
+    def aux_k(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        n_dead = int(self._n_dead)
+        return 0 if n_dead == 0 else min(self.sae.aux_k, 1 << (n_dead - 1).bit_length())
+
+    def record(self) -> None:
+        """Call after each step of the SAE."""
+        if self._event is None:
+            self._n_dead = self.sae.dead_M().sum()
+        else:
+            self._n_dead.copy_(self.sae.dead_M().sum(), non_blocking=True)
+            self._event.record()
+
+
+def train_step(sae, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int, dead: DeadLatents):
+    """One optimiser step of one SAE; `model` is the SAE or its torch.compile wrapper; `dead` its
+    DeadLatents, which sizes this step's AuxK."""
     with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = model(x_BD, with_aux)
+        out = model(x_BD, dead.aux_k())
+    dead.record()
     out.loss.backward()
     if world > 1:  # data parallel: average the gradients over ranks in one collective
         grads = [p.grad for p in sae.parameters()]
@@ -189,6 +218,7 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
             prune_checkpoints(run_dir)
 
     wandb_run = _wandb(cfg, [s.name for s in specs]) if rank == 0 else None
+    dead_latents = [DeadLatents(sae) for sae in saes]  # after a resume's state is loaded: exact resumes
     sums = torch.zeros(len(saes), len(METRIC_NAMES), device=device)
     theta_start = int(steps * (1 - cfg.theta_tail))
     last_sync, last_time = start, time.perf_counter()
@@ -203,7 +233,7 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
                 for i, (sae, model, opt) in enumerate(zip(saes, models, opts, strict=True)):
                     if step == theta_start:
                         sae.reset_theta()
-                    out = train_step(sae, model, opt, x_BD, cfg, world, step)
+                    out = train_step(sae, model, opt, x_BD, cfg, world, dead_latents[i])
                     terms = (out.loss, out.mse, out.sparsity, out.aux, out.l0_B.mean())
                     sums[i] += torch.stack([t.detach().float() for t in terms])
                 done = step + 1
