@@ -28,7 +28,7 @@ from sae.train.synthetic import planted_acts, write_cache
 from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, run_training, train_step
 
 BASELINE = "reference-style (dense fp32)"
-DEFAULT = "ours, sparse decode"  # TF32 on CUDA; the trainer's default decode on CPU
+SPARSE, DENSE = "ours, sparse decode", "ours, dense decode"  # TF32 on CUDA
 
 
 def ours_step(cfg: TrainConfig, d: int, device: torch.device):
@@ -71,40 +71,44 @@ def measure(full: bool = False, steps: int | None = None) -> dict:
     data_ND = planted_acts(B * (steps + 3), d, 4 * d, k, seed=0) * 3
     batches = [x.to(device) for x in data_ND.split(B)]
     cfg = TrainConfig(arch=("batchtopk",), k=(k,), dict_size=(m,), batch_size=B, decode="sparse")
-    # name: (matmul precision, step factory). The baseline runs as the reference code does: plain fp32
-    # (no TF32, which torch leaves off by default); ours with the precision each name says.
+    # name: (matmul precision, sparse decode?, step factory). The baseline runs as the reference code
+    # does: plain fp32 (no TF32, which torch leaves off by default); ours as each name says.
     candidates = {
-        BASELINE: ("fp32", lambda: ReferenceSAE("batchtopk", d, m, k, device=device).step),
-        "ours, dense decode": ("tf32", lambda: ours_step(dataclasses.replace(cfg, decode="dense"), d, device)),
-        DEFAULT: ("tf32", lambda: ours_step(cfg, d, device)),
+        BASELINE: ("fp32", False, lambda: ReferenceSAE("batchtopk", d, m, k, device=device).step),
+        DENSE: ("tf32", False, lambda: ours_step(dataclasses.replace(cfg, decode="dense"), d, device)),
+        SPARSE: ("tf32", True, lambda: ours_step(cfg, d, device)),
     }
     if device.type == "cuda":
         bf16 = dataclasses.replace(cfg, precision="bf16")
-        candidates["ours, sparse decode, bf16"] = ("bf16", lambda: ours_step(bf16, d, device))
+        candidates["ours, sparse decode, bf16"] = ("bf16", True, lambda: ours_step(bf16, d, device))
         candidates["ours, dense decode, bf16"] = (
-            "bf16", lambda: ours_step(dataclasses.replace(bf16, decode="dense"), d, device)
+            "bf16", False, lambda: ours_step(dataclasses.replace(bf16, decode="dense"), d, device)
         )  # fmt: skip
         candidates["ours, sparse decode, bf16, compiled"] = (
-            "bf16", lambda: ours_step(dataclasses.replace(bf16, compile=True), d, device)
+            "bf16", True, lambda: ours_step(dataclasses.replace(bf16, compile=True), d, device)
         )  # fmt: skip
     # Two rounds, the best of each kept: the first large CPU allocations page-fault until glibc raises
     # its mmap threshold, which would penalise whichever candidate runs first.
     steps_tok_s = {name: (0.0, 0.0) for name in candidates}
     for _ in range(2):
-        for name, (precision, make) in candidates.items():
+        for name, (precision, _, make) in candidates.items():
             configure_backend(device, precision)
             steps_tok_s[name] = max(steps_tok_s[name], tokens_per_s(make(), batches, device))
     configure_backend(device, "tf32")
     base = steps_tok_s[BASELINE][0]
-    result["steps"] = {
-        name: {"tok_s": t, "loss": loss, "vs_baseline": t / base} for name, (t, loss) in steps_tok_s.items()
-    }
-    result["sparse_vs_baseline"] = steps_tok_s[DEFAULT][0] / base
-    result["dense_vs_baseline"] = steps_tok_s["ours, dense decode"][0] / base
+    result["steps"] = {}
+    for name, (precision, sparse, _) in candidates.items():
+        tok_s, loss = steps_tok_s[name]
+        peak, source = peak_flops(device, precision if device.type == "cuda" else "fp32")
+        mfu = tok_s * sae_train_flops_per_token(d, m, k, sparse) / peak
+        result["steps"][name] = {"tok_s": tok_s, "loss": loss, "vs_baseline": tok_s / base, "mfu": mfu}
+    result["peak_source"] = source
+    result["sparse_vs_baseline"] = steps_tok_s[SPARSE][0] / base
+    result["dense_vs_baseline"] = steps_tok_s[DENSE][0] / base
     best = max(steps_tok_s, key=lambda name: steps_tok_s[name][0])
     result["best"] = {"name": best, "vs_baseline": steps_tok_s[best][0] / base}
-    peak, result["peak_source"] = peak_flops(device, "tf32" if device.type == "cuda" else "fp32")
-    result["train_mfu"] = steps_tok_s[DEFAULT][0] * sae_train_flops_per_token(d, m, k, True) / peak
+    # the trainer's defaults on this device: decode "auto" is sparse on CPU, dense on CUDA
+    result["default"] = DENSE if device.type == "cuda" else SPARSE
 
     with tempfile.TemporaryDirectory() as tmp:
         cache_rows = B * steps
@@ -140,10 +144,10 @@ def report(r: dict) -> None:
     print(f"load average before the run {r['load_average']:.2f} (other processes skew CPU timings)")
     for name, s in r["steps"].items():
         print(
-            f"  step  {name:36s} {s['tok_s']:12,.0f} tok/s  {s['vs_baseline']:5.2f}x baseline"
+            f"  step  {name:36s} {s['tok_s']:12,.0f} tok/s  {s['vs_baseline']:5.2f}x baseline  MFU {s['mfu']:5.1%}"
             f"   loss after {r['steps_run']} steps {s['loss']:.4f}"
         )
-    print(f"  {DEFAULT} MFU {r['train_mfu']:.1%} of {r['peak_source']}")
+    print(f"  MFU: FLOPs of each step's decode (k or m latents) x tok/s / peak of its precision ({r['peak_source']})")
     print(
         f"  loader alone (float16, zstd:1)  {r['loader_rows_s']:12,.0f} rows/s  {r['loader_vs_demand']:5.2f}x the demand of the fastest step"
     )

@@ -115,9 +115,9 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _coerce(value, inner[0], name)
-    if origin is tuple and isinstance(value, list | tuple):
+    if origin is tuple:  # a scalar where a list may go is a list of one: dict_size = 2304
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return tuple(_coerce(v, item, name) for v in value)
+        return tuple(_coerce(v, item, name) for v in (value if isinstance(value, list | tuple) else [value]))
     if hint is int and isinstance(value, float):
         if not value.is_integer():
             raise UserError(f"{name} must be an integer, got {value}")
