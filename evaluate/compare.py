@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 
 from sae.errors import UserError
-from sae.evaluate.plots import metric_vs_l0
+from sae.evaluate.plots import l0_distributions, metric_vs_l0
 from sae.evaluate.report import EVAL_JSON
 from sae.train.sae import TOPK_ARCHS
 
 TABLE_MD, TABLE_CSV = "table.md", "table.csv"
-NMSE_PNG, CE_PNG = "nmse_vs_l0.png", "ce_degradation_vs_l0.png"
+NMSE_PNG, CE_PNG, L0_PNG = "nmse_vs_l0.png", "ce_degradation_vs_l0.png", "l0_distributions.png"
 RUN_COLUMNS = ("name", "arch", "dict_size", "k")
 METRIC_COLUMNS = (
     "l0_mean", "nmse", "fvu", "nmse_standardized", "nmse_excl_bos", "ce_degradation", "ce_recovered_zero",
@@ -59,7 +59,8 @@ def _markdown(rows: list[dict], note: str) -> str:
 
 
 def compare_runs(run_dirs: list[Path], out: Path) -> Path:
-    """Write table.md, table.csv, nmse_vs_l0.png and ce_degradation_vs_l0.png into out; returns out."""
+    """Write table.md, table.csv, nmse_vs_l0.png, ce_degradation_vs_l0.png and l0_distributions.png
+    into out; returns out."""
     if not run_dirs:
         raise UserError("no runs given; e.g. `sae compare runs/*`")
     results = load_results(run_dirs)
@@ -83,4 +84,5 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
         results, "ce_degradation", "CE degradation (nats per token)", "LM loss increase when spliced vs sparsity",
         out / CE_PNG,
     )  # fmt: skip
+    l0_distributions(results, out / L0_PNG)
     return out

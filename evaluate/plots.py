@@ -2,7 +2,7 @@
 
 Per run: the per-token L0 histogram with BOS/first-position tokens marked (paper Figure 3) and the
 feature-density histogram. Across runs: NMSE and CE degradation against L0, one line per
-(architecture, dictionary size) (paper Figure 1).
+(architecture, dictionary size) (paper Figure 1), and every run's L0 distribution on one axis.
 """
 
 import itertools
@@ -87,4 +87,29 @@ def metric_vs_l0(results: list[dict], key: str, ylabel: str, title: str, path: P
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def l0_distributions(results: list[dict], path: Path) -> Path:
+    """Each run's per-token L0 histogram on shared log-spaced bins, as a density (fraction of tokens per
+    unit of L0), to compare how runs spend their latents (TopK: a spike at k; BatchTopK: a spread)."""
+    top = max(max(r["l0_distribution"]["max"], 1) for r in results)
+    edges = np.unique(np.round(np.geomspace(1, top + 1, 60))) - 0.5  # each bin holds whole L0 values
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = itertools.cycle(["-", "--", ":", "-."])
+    for r in sorted(results, key=lambda r: (r["run"]["arch"], r["l0_mean"])):
+        dist = r["l0_distribution"]
+        counts = np.array(dist["plain"]) + np.array(dist["bos_or_first"])
+        hist, _ = np.histogram(dist["l0"], bins=edges, weights=counts / counts.sum())
+        ax.stairs(
+            hist / np.diff(edges), edges, linestyle=next(styles), color=ARCH_COLORS.get(r["run"]["arch"], "tab:gray"),
+            label=f"{r['run']['name']} (mean {r['l0_mean']:.1f})",
+        )  # fmt: skip
+    ax.set_xscale("log")  # BatchTopK's massive-norm rows reach hundreds of latents
+    ax.set_yscale("log")
+    ax.set_xlabel("L0: active latents per token (count)")
+    ax.set_ylabel("fraction of tokens per unit of L0 (log scale)")
+    ax.set_title("Active latents per token, all runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
     return _save(fig, path)

@@ -256,7 +256,7 @@ def test_eval_all_then_compare_three_runs(cache_path, tmp_path, monkeypatch, cap
     assert eval_json(runs / "topk_k8_m64")["l0_mean"] == pytest.approx(8)
     assert run_cli(monkeypatch, "compare", *run_dirs, "--out", tmp_path / "cmp") == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cmp")
-    for name in ("table.md", "table.csv", "nmse_vs_l0.png", "ce_degradation_vs_l0.png"):
+    for name in ("table.md", "table.csv", "nmse_vs_l0.png", "ce_degradation_vs_l0.png", "l0_distributions.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     lines = (tmp_path / "cmp" / "table.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("name,arch,dict_size,k,l0_mean,l0_mean_stderr")
