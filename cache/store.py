@@ -189,7 +189,8 @@ def chunk_stats(acts_RD: torch.Tensor, plain_R: torch.Tensor) -> torch.Tensor:
     acts_RD = acts_RD.double()
     norms_R = acts_RD.norm(dim=1)
     plain_norms_R = torch.where(plain_R, norms_R, 0.0)
-    head = [norms_R.new_tensor(float(len(norms_R))), norms_R.sum(), norms_R.square().sum(), norms_R.max()]
+    # new_full is a fill on the device; new_tensor would copy from the host and wait for the queue
+    head = [norms_R.new_full((), float(len(norms_R))), norms_R.sum(), norms_R.square().sum(), norms_R.max()]
     head += [plain_R.sum().double(), plain_norms_R.sum(), plain_norms_R.square().sum()]
     return torch.cat([torch.stack(head), acts_RD.sum(0)])
 

@@ -131,7 +131,10 @@ def _harvest_chunks(
                     batch_stats[layer].append(chunk_stats(stored_RD, plain_R))
                     buffer[layer][rows].copy_(stored_RD, non_blocking=pin)
                 progress.advance(task, ids_BT.numel())
-            stats = {layer: merge_chunk_stats(torch.stack(rows)).cpu().numpy() for layer, rows in batch_stats.items()}
+            stats = {
+                layer: merge_chunk_stats(torch.stack(per_batch)).cpu().numpy()
+                for layer, per_batch in batch_stats.items()
+            }
             if pin:
                 torch.cuda.current_stream(device).synchronize()  # the copies must land before a writer reads
             n_rows = len(batch) * ctx_len
