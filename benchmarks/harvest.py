@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,11 @@ import zarr
 
 from benchmarks.mfu import lm_forward_flops_per_token, peak_flops
 from sae.cache.codecs import STORAGE_DTYPES, compressors, to_storage, zarr_dtype
-from sae.cache.store import open_cache
+from sae.cache.store import open_cache, open_writer
 from sae.harvest.config import HarvestConfig
-from sae.harvest.harvest import harvest, resolve_device
+from sae.harvest.harvest import WRITERS, harvest, resolve_device
 from sae.harvest.model import LoadedModel, load_model
+from sae.train.synthetic import synthetic_spec
 
 CODECS = [
     "none", "zstd:1", "zstd:3", "zstd:9", "blosc-zstd:1:shuffle", "blosc-zstd:1:bitshuffle",
@@ -72,6 +74,24 @@ def codec_row(acts_RD: torch.Tensor, storage_dtype: str, codec: str, repeats: in
     }
 
 
+def write_ceiling_rows_per_s(acts_RD: torch.Tensor, chunk_rows: int, ctx_len: int, writers: int) -> float:
+    """Rows/s that `writers` threads write into a float16 zstd:1 cache (chunk files only, as harvest's
+    writer threads do): the most a harvest can store, however fast its forward is."""
+    n_chunks, n_ctx = 8, min(chunk_rows, len(acts_RD)) // ctx_len
+    chunk_RD = acts_RD[: n_ctx * ctx_len].half()
+    tokens_CT = np.ones((n_ctx, ctx_len), dtype=np.int32)
+    spec = {**synthetic_spec(acts_RD.shape[1], ctx_len, 0), "dtype": "float16"}
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = open_writer(
+            Path(tmp) / "c", spec, {"codec": "zstd:1", "chunk_contexts": len(tokens_CT)}, acts_RD.shape[1], {}
+        )
+        writer.reserve(n_chunks * len(tokens_CT))
+        with ThreadPoolExecutor(writers) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda i: writer.write_chunk_data(i, tokens_CT, {0: chunk_RD}), range(n_chunks)))
+            return n_chunks * len(chunk_RD) / (time.perf_counter() - start)
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -110,6 +130,7 @@ def measure(
     plain_flops = lm_forward_flops_per_token(sum(n_params), head, loaded.n_layers, d, T)
     peak, peak_source = peak_flops(device, "fp32" if model_dtype == "float32" else "bf16")
     codec_rows = [codec_row(acts_RD[:chunk_rows], dtype, codec) for dtype in STORAGE_DTYPES for codec in CODECS]
+    write_ceiling = {n: write_ceiling_rows_per_s(acts_RD, chunk_rows, cfg.ctx_len, n) for n in (1, WRITERS)}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": model, "layer": layer, "n_layers": loaded.n_layers, "tokens": int(tokens_NT.size),
@@ -117,6 +138,7 @@ def measure(
         "plain_tok_s": plain, "harvest_tok_s": ours, "ratio": ours / plain,
         "plain_mfu": plain * plain_flops / peak, "harvest_mfu": ours * harvest_flops / peak,
         "peak_flops": peak, "peak_source": peak_source, "codecs": codec_rows,
+        "write_ceiling_tok_s": write_ceiling, "writers": WRITERS,
     }  # fmt: skip
 
 
@@ -131,6 +153,11 @@ def report(r: dict) -> None:
     )
     print(
         f"ratio              : {r['ratio']:10.2f}x          peak: {r['peak_flops'] / 1e12:.2f} TFLOP/s ({r['peak_source']})"
+    )
+    ceiling = r["write_ceiling_tok_s"]
+    print(
+        f"host write ceiling : {ceiling[1]:10,.0f} tok/s with 1 writer thread, {ceiling[r['writers']]:,.0f} with "
+        f"{r['writers']} (harvest's), float16 zstd:1"
     )
     print("\ncodecs on one chunk of real rows; MB/s in float32-equivalent MB")
     print(f"{'dtype':9} {'codec':24} {'B/token':>8} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9} {'rel err':>9}")
