@@ -69,7 +69,7 @@ def test_set_overrides_parse_toml_values_and_check_keys():
         parse_sets(["drop_bos"], stages)
 
 
-@pytest.mark.parametrize("name, n_saes", [("pipeline.toml", 2), ("paper.toml", 11), ("paper-gpt2.toml", 9)])
+@pytest.mark.parametrize("name, n_saes", [("pipeline.toml", 2), ("paper.toml", 13), ("paper-gpt2.toml", 9)])
 def test_shipped_experiment_files_build_valid_configs(name, n_saes):
     path = Path(__file__).parent.parent / name
     for section, config_class in [("harvest", HarvestConfig), ("eval", EvalConfig)]:
