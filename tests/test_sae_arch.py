@@ -168,3 +168,16 @@ def test_auxk_sized_to_the_dead_count_equals_auxk_at_full_width():
     sae.tokens_since_fired_M[:200] = 100
     dead.record()
     assert dead.aux_k() == 64  # capped at aux_k
+
+
+def test_decode_auto_is_sparse_on_cpu_and_threshold_lr_sets_only_log_theta():
+    cpu = torch.device("cpu")
+    for decode, sparse in (("auto", True), ("sparse", True), ("dense", False)):
+        cfg = TrainConfig(arch=("topk",), k=(4,), dict_size=(64,), decode=decode)
+        assert make_sae(cfg, cfg.specs()[0], D, cpu).sparse_decode is sparse
+    cfg = TrainConfig(arch=("jumprelu",), dict_size=(64,), lr=3e-4, threshold_lr=0.01)
+    sae = make_sae(cfg, cfg.specs()[0], D, cpu)
+    groups = make_optimizer(cfg, sae).param_groups
+    assert [g["lr"] for g in groups] == [3e-4, 0.01]
+    assert [id(p) for p in groups[1]["params"]] == [id(sae.log_threshold)]
+    assert id(sae.log_threshold) not in {id(p) for p in groups[0]["params"]}
