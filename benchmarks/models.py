@@ -11,11 +11,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-SAMPLE = Path(__file__).parent.parent / "sae" / "data" / "openwebtext-sample.parquet"
+from sae.harvest.text import bundled_path
 
 
 def sample_texts(n_docs: int | None = None) -> list[str]:
-    texts = pq.read_table(SAMPLE, columns=["text"]).column("text").to_pylist()
+    texts = pq.read_table(bundled_path("openwebtext-sample"), columns=["text"]).column("text").to_pylist()
     return texts[:n_docs]
 
 

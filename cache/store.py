@@ -285,9 +285,10 @@ class CacheWriter:
         meta["stats"] = {}
         for layer, stats_S in stats.items():
             self.group[f"chunk_stats/{layer}"][chunk_index] = stats_S
-            meta["stats"][str(layer)] = summarize_chunk_stats(np.stack([self._full_stats[layer], stats_S]))
+            committed_S = merge_chunk_stats(np.stack([self._full_stats[layer], stats_S]))
+            meta["stats"][str(layer)] = summarize_chunk_stats(committed_S[None])
             if full:
-                self._full_stats[layer] = merge_chunk_stats(np.stack([self._full_stats[layer], stats_S]))
+                self._full_stats[layer] = committed_S
         meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.group.attrs[META_KEY] = meta
         self.meta = meta

@@ -20,7 +20,8 @@ _FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".tx
 _TOKENIZE_DOCS = 64  # documents per tokenizer call: batching makes fast tokenizers ~10x faster
 
 
-def _bundled_path(name: str) -> Path:
+def bundled_path(name: str) -> Path:
+    """Where a bundled dataset (BUNDLED_DATASETS) sits in the installed package."""
     import sae
 
     return Path(sae.__file__).parent / "data" / f"{name}.parquet"
@@ -36,7 +37,7 @@ class DatasetSource:
     @classmethod
     def resolve(cls, name: str) -> "DatasetSource":
         if name in BUNDLED_DATASETS:
-            path = _bundled_path(name)
+            path = bundled_path(name)
             return cls(name, "file", str(path), "sha256:" + file_sha256([path]))
         path = Path(name)
         if path.is_dir():
