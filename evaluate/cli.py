@@ -20,8 +20,12 @@ def eval_command(
     text_column: str = Opt(None, help="Column holding the text (default: the cache's)."),
     seed: int = Opt(None, help="Seed of the document order (default: the cache's)."),
     start_doc: int = Opt(None, help="First document (default: the first one the harvest did not read)."),
-    exclude_bos: bool = Opt(
-        None, "--exclude-bos/--include-bos", help="Leave BOS/first-position rows unspliced and out of every metric."
+    gate_bos: bool = Opt(None, "--gate-bos/--no-gate-bos", help="Add BOS rows to every SAE's gate (pass through)."),
+    gate_first: bool = Opt(
+        None, "--gate-first/--no-gate-first", help="Add each context's first position to every SAE's gate."
+    ),
+    gate_norm: float = Opt(
+        None, help="Add rows above this multiple of the median row norm to every SAE's gate, e.g. 4."
     ),
     batch_mode: bool = Opt(
         None, "--batch-mode/--no-batch-mode", help="Also evaluate BatchTopK in batch mode (beside θ)."
@@ -36,8 +40,8 @@ def eval_command(
 
     overrides = dict(
         tokens=parse_count(tokens), batch_size=batch_size, dataset=dataset, dataset_config=dataset_config,
-        dataset_split=split, text_column=text_column, seed=seed, start_doc=start_doc, exclude_bos=exclude_bos,
-        batch_mode=batch_mode, dense_threshold=dense_threshold, cache=cache, device=device,
+        dataset_split=split, text_column=text_column, seed=seed, start_doc=start_doc, gate_bos=gate_bos,
+        gate_first=gate_first, gate_norm=gate_norm, batch_mode=batch_mode, dense_threshold=dense_threshold, cache=cache, device=device,
     )  # fmt: skip
     cfg = stage_config(EvalConfig, "eval", config, overrides)
     for path in evaluate_runs(runs, cfg):

@@ -13,10 +13,10 @@ TABLE_MD, TABLE_CSV = "table.md", "table.csv"
 NMSE_PNG, CE_PNG, L0_PNG = "nmse_vs_l0.png", "ce_degradation_vs_l0.png", "l0_distributions.png"
 RUN_COLUMNS = ("name", "arch", "dict_size", "k")
 METRIC_COLUMNS = (
-    "l0_mean", "nmse", "fvu", "nmse_standardized", "nmse_excl_bos", "ce_degradation", "ce_recovered_zero",
-    "ce_recovered_mean", "kl",
+    "l0_mean", "nmse", "fvu", "nmse_standardized", "nmse_excl_bos", "ce_degradation", "ce_degradation_every_position",
+    "ce_recovered_zero", "ce_recovered_mean", "kl",
 )  # fmt: skip
-COUNT_COLUMNS = ("dead_latents", "dense_latents", "n_tokens")
+COUNT_COLUMNS = ("gated_fraction", "dead_latents", "dense_latents", "n_tokens")
 
 
 def load_results(run_dirs: list[Path]) -> list[dict]:
@@ -38,6 +38,9 @@ def table_rows(results: list[dict]) -> list[dict]:
             row["k"] = None  # k is not a knob of jumprelu and relu
         for c in METRIC_COLUMNS:
             row[c], row[f"{c}_stderr"] = r.get(c), r.get(f"{c}_stderr")
+        every = r.get("every_position", r)  # an SAE without a gate is spliced everywhere in its headline
+        column = "ce_degradation_every_position"
+        row[column], row[f"{column}_stderr"] = every["ce_degradation"], every["ce_degradation_stderr"]
         row.update({c: r.get(c) for c in COUNT_COLUMNS})
         rows.append(row)
     return sorted(rows, key=lambda row: (row["arch"], row["dict_size"], row["l0_mean"]))
@@ -50,6 +53,8 @@ def _markdown(rows: list[dict], note: str) -> str:
             return "–"
         if c in METRIC_COLUMNS:
             return f"{value:.4g} ± {row[f'{c}_stderr']:.2g}"
+        if isinstance(value, float):
+            return f"{value:.2%}"
         return f"{value:,}" if isinstance(value, int) else str(value)
 
     columns = [*RUN_COLUMNS, *METRIC_COLUMNS, *COUNT_COLUMNS]
@@ -68,10 +73,14 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(results)
     sets = {r["eval_spec"]["tokens_sha256"] for r in results}
-    bos = {r["config"]["exclude_bos"] for r in results}
-    note = "# SAE comparison\n\n± is one standard error over evaluation contexts; NMSE = Σ‖x−x̂‖²/Σ‖x‖² (raw)."
-    if len(sets) > 1 or len(bos) > 1:
-        note += "\n\n**Warning:** these runs were evaluated on different texts or BOS settings."
+    gates = {tuple(r["config"][k] for k in ("gate_bos", "gate_first", "gate_norm")) for r in results}
+    note = (
+        "# SAE comparison\n\n± is one standard error over evaluation contexts; NMSE = Σ‖x−x̂‖²/Σ‖x‖² (raw). "
+        "Headline figures are each SAE as deployed: rows its gate names pass through unspliced and are out "
+        "of the reconstruction metrics (gated_fraction); ce_degradation_every_position splices every row."
+    )
+    if len(sets) > 1 or len(gates) > 1:
+        note += "\n\n**Warning:** these runs were evaluated on different texts or evaluation gates."
     (out / TABLE_MD).write_text(_markdown(rows, note))
     with open(out / TABLE_CSV, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -28,9 +28,14 @@ class EvalConfig:
     start_doc: int | None = None
     """First document (in the seeded order); None: the first one the harvest did not read, or 0 for
     another dataset or split."""
-    exclude_bos: bool = False
-    """Leave BOS tokens and the first position of every context un-spliced and out of every metric.
-    False (the paper's way): splice everywhere; reconstruction metrics are also given without them."""
+    gate_bos: bool = False
+    """Add BOS rows to every SAE's gate for this evaluation (see train.gate): they pass through
+    unspliced and leave the reconstruction metrics."""
+    gate_first: bool = False
+    """Add each context's first position to every SAE's gate for this evaluation."""
+    gate_norm: float | None = None
+    """Add rows above this multiple of the cache's median row norm to every SAE's gate, e.g. 4: runs
+    trained with and without a gate are then scored on the same rows."""
     batch_mode: bool = False
     """Also evaluate BatchTopK runs in batch mode (top B·k over each forward pass's rows), beside the
     headline θ mode (the saved per-latent threshold, batch-independent)."""
@@ -46,5 +51,9 @@ class EvalConfig:
             check_positive(name, getattr(self, name))
         if self.start_doc is not None and self.start_doc < 0:
             raise UserError(f"start_doc must be >= 0, got {self.start_doc}")
+        if self.gate_norm is not None and not self.gate_norm > 1:
+            raise UserError(
+                f"gate_norm must be above 1 (a multiple of the median row norm, e.g. 4), got {self.gate_norm}"
+            )
         if not 0 < self.dense_threshold < 1:
             raise UserError(f"dense_threshold must be in (0, 1), got {self.dense_threshold}")

@@ -5,13 +5,10 @@ replacement is computed once from the clean pass's activation and spliced into t
 everything before the site is the same computation in every pass, so the hook need not redo it.
 """
 
-import torch
 from torch import Tensor
 
 from sae.harvest.hooks import hook_site
 from sae.harvest.model import LoadedModel
-from sae.train.checkpoint import reconstruct as saved_sae_reconstruct
-from sae.train.sae import SparseAutoencoder
 
 
 def _logits(loaded: LoadedModel, ids_BT: Tensor, site: str, layer: int, on_acts) -> Tensor:
@@ -33,24 +30,3 @@ def clean_pass(loaded: LoadedModel, ids_BT: Tensor, site: str, layer: int) -> tu
 def spliced_pass(loaded: LoadedModel, ids_BT: Tensor, site: str, layer: int, acts_BTD: Tensor) -> Tensor:
     """Logits [B, T, V] with the site's activation replaced by acts_BTD."""
     return _logits(loaded, ids_BT, site, layer, lambda _, original: acts_BTD.to(original.dtype))
-
-
-def splice_where(mask_BT: Tensor, new_BTD: Tensor, acts_BTD: Tensor) -> Tensor:
-    """new at the masked positions, the original activation elsewhere (--exclude-bos keeps BOS rows)."""
-    return torch.where(mask_BT[..., None], new_BTD.to(acts_BTD.dtype), acts_BTD)
-
-
-def reconstruct(
-    sae: SparseAutoencoder, x_RD: Tensor, batch_mode: bool = False, rows_R: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(reconstruction [R, D] in raw activation space, float32; latents [R, m]).
-
-    θ mode (default) is the saved, batch-independent inference form; batch_mode is BatchTopK's
-    training form over these rows together. Given rows_R, only those rows are encoded (so batch mode
-    selects among them); the others keep x and no latents."""
-    if rows_R is not None:
-        recon_ND, latents_NM = reconstruct(sae, x_RD[rows_R], batch_mode)
-        recon_RD = x_RD.float().index_put((rows_R,), recon_ND)
-        return recon_RD, latents_NM.new_zeros(len(x_RD), latents_NM.shape[1]).index_put((rows_R,), latents_NM)
-    recon_RD, latents_RM = saved_sae_reconstruct(sae, x_RD.float(), batch_mode)
-    return recon_RD.float(), latents_RM

@@ -13,11 +13,12 @@ from sae.errors import UserError
 from sae.evaluate.cli import compare_command, eval_command
 from sae.harvest.cli import harvest_command
 from sae.pipeline import run_pipeline
-from sae.train.cli import train_command
+from sae.train.cli import calibrate_command, train_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 app.command("harvest")(harvest_command)
 app.command("train")(train_command)
+app.command("calibrate")(calibrate_command)
 app.command("eval")(eval_command)
 app.command("compare")(compare_command)
 app.add_typer(cache_app, name="cache")
@@ -28,7 +29,7 @@ def run_command(
     config: Path = typer.Option(None, help="pipeline.toml to read (default: ./pipeline.toml if present)."),
     out: Path = typer.Option(None, help="Parent of the run directories (default: [train] out, ./runs)."),
     set_: list[str] = typer.Option(
-        None, "--set", help="STAGE.KEY=VALUE over the file's value, e.g. train.drop_bos=true; repeatable."
+        None, "--set", help="STAGE.KEY=VALUE over the file's value, e.g. train.gate_bos=true; repeatable."
     ),
 ) -> None:
     """The whole pipeline as pipeline.toml describes it: harvest, train, eval, compare."""

@@ -64,15 +64,20 @@ def parse_count(text: str | None) -> int | None:
     return int(value)
 
 
+def parse_counts(text: str | None) -> tuple[int, ...] | None:
+    """ "1e6,3e6" -> (1000000, 3000000)."""
+    return None if text is None else tuple(parse_count(part.strip()) for part in text.split(","))
+
+
 def parse_sets(items: list[str], stages: dict[str, type]) -> dict[str, dict[str, Any]]:
-    """["train.drop_bos=true", ...] -> {"train": {"drop_bos": True}, ...}: one override per item, the
+    """["train.gate_bos=true", ...] -> {"train": {"gate_bos": True}, ...}: one override per item, the
     value read as TOML (true, 0.01, [16, 32]) or else as a plain string; keys checked like the file's."""
     sets: dict[str, dict[str, Any]] = {stage: {} for stage in stages}
     for item in items:
         target, sep, text = item.partition("=")
         stage, dot, key = target.strip().partition(".")
         if not sep or not dot or not key:
-            raise UserError(f"--set takes STAGE.KEY=VALUE (e.g. train.drop_bos=true), got '{item}'")
+            raise UserError(f"--set takes STAGE.KEY=VALUE (e.g. train.gate_bos=true), got '{item}'")
         check_keys({stage: None}, list(stages), "--set")
         check_keys({key: None}, [f.name for f in dataclasses.fields(stages[stage])], f"--set {stage}.")
         try:

@@ -43,7 +43,7 @@ def resolve_cache(cache: Path | None, config_path: Path | None) -> Path:
 def run_pipeline(config_path: Path | None, out: Path | None, sets: dict[str, dict] | None = None) -> Path:
     """harvest → train (the [train]/[[sweep]] SAEs, one pass) → eval each run → compare; returns the
     comparison folder. Each stage reads its table of pipeline.toml, exactly as its own command does,
-    then the overrides in sets[stage] ({"train": {"drop_bos": True}}, from `--set`)."""
+    then the overrides in sets[stage] ({"train": {"gate_bos": True}}, from `--set`)."""
     from sae.evaluate.compare import compare_runs
     from sae.evaluate.config import EvalConfig
     from sae.evaluate.evaluate import evaluate_runs

@@ -55,18 +55,18 @@ def test_flag_parsers():
 
 def test_set_overrides_parse_toml_values_and_check_keys():
     stages = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig}
-    sets = parse_sets(["train.drop_bos=true", "train.k=[16, 32]", "train.out=runs-x", "eval.tokens=8192"], stages)
+    sets = parse_sets(["train.gate_bos=true", "train.k=[16, 32]", "train.out=runs-x", "eval.tokens=8192"], stages)
     assert sets == {
         "harvest": {},
-        "train": {"drop_bos": True, "k": [16, 32], "out": "runs-x"},
+        "train": {"gate_bos": True, "k": [16, 32], "out": "runs-x"},
         "eval": {"tokens": 8192},
     }
-    with pytest.raises(UserError, match=r"unknown key 'drop_boss' in --set train\.; did you mean 'drop_bos'\?"):
-        parse_sets(["train.drop_boss=true"], stages)
+    with pytest.raises(UserError, match=r"unknown key 'gate_boss' in --set train\.; did you mean 'gate_bos'\?"):
+        parse_sets(["train.gate_boss=true"], stages)
     with pytest.raises(UserError, match="unknown key 'trian' in --set; did you mean 'train'"):
         parse_sets(["trian.k=16"], stages)
     with pytest.raises(UserError, match="--set takes STAGE.KEY=VALUE"):
-        parse_sets(["drop_bos"], stages)
+        parse_sets(["gate_bos"], stages)
 
 
 @pytest.mark.parametrize("name, n_saes", [("pipeline.toml", 2), ("paper.toml", 13), ("paper-gpt2.toml", 9)])

@@ -13,10 +13,10 @@ from sae.cache.store import open_cache
 from sae.evaluate.config import EvalConfig
 from sae.evaluate.evaluate import evaluate_runs
 from sae.evaluate.metrics import ratio
-from sae.evaluate.splice import reconstruct, splice_where, spliced_pass
+from sae.evaluate.splice import spliced_pass
 from sae.harvest.harvest import harvest
 from sae.harvest.model import load_model
-from sae.train.checkpoint import load_sae, run_cfg, save_run
+from sae.train.checkpoint import load_sae, reconstruct, run_cfg, save_run
 from sae.train.config import SAESpec
 from sae.train.sae import SparseAutoencoder
 from tests.test_harvest import small_config
@@ -63,9 +63,8 @@ def zero_sae(d: int = D) -> SparseAutoencoder:
 def random_sae(arch: str, k: int, m: int, seed: int = 0) -> SparseAutoencoder:
     torch.manual_seed(seed)
     sae = SparseAutoencoder(SAESpec(arch, k, m, 0.0018, 0.004), D)
-    if arch == "batchtopk":  # a θ as eq. 7 would have estimated it
-        sae.theta_sum.fill_(0.3)
-        sae.theta_count.fill_(1)
+    if arch == "batchtopk":  # a θ as training would have chosen it
+        sae.theta.fill_(0.3)
     return sae
 
 
@@ -194,20 +193,25 @@ def test_splicing_touches_only_the_hooked_site(tiny_llama):
     assert not loaded.blocks[0]._forward_hooks and not loaded.blocks[1]._forward_pre_hooks  # hooks removed
 
 
-def test_exclude_bos_leaves_bos_rows_out(cache_path, tmp_path):
+def test_an_evaluation_gate_passes_bos_rows_through_and_leaves_them_out_of_the_metrics(cache_path, tmp_path):
     zero = save_sae(tmp_path / "zero", zero_sae(), cache_path)
     btk = save_sae(tmp_path / "btk", random_sae("batchtopk", 4, 64), cache_path)
-    evaluate_runs([zero, btk], EvalConfig(**EVAL, exclude_bos=True, batch_mode=True))
+    evaluate_runs([zero, btk], EvalConfig(**EVAL, gate_bos=True, gate_first=True, batch_mode=True))
     result = eval_json(zero)
     loaded = load_model(str(small_path(cache_path)), "float32", "cpu")
     ids = independent_heldout_tokens(loaded.tokenizer, result)
     plain = ids != result["eval_spec"]["bos_token_id"]
     plain[:, 0] = False
     assert result["n_tokens"] == plain.sum() < ids.size
-    assert result["n_pred_tokens"] == plain[:, :-1].sum()
-    assert result["ce_spliced"] == result["ce_zero_ablation"] and result["config"]["exclude_bos"]
-    assert "nmse_excl_bos" not in result and sum(result["l0_distribution"]["bos_or_first"]) == 0
-    # batch mode selects among the evaluated rows only: exactly k per row on average
+    assert result["gated_fraction"] == pytest.approx(1 - plain.mean())
+    assert result["n_pred_tokens"] == ids[:, :-1].size  # CE counts every position: gated rows pass through
+    assert result["gate"]["bos_token_id"] == result["eval_spec"]["bos_token_id"] and result["gate"]["first"]
+    assert sum(result["l0_distribution"]["bos_or_first"]) == 0 and result["nmse"] == 1
+    # beside it, every position through the SAE: a zero SAE there is exactly zero-ablation
+    every = result["every_position"]
+    assert every["ce_spliced"] == result["ce_zero_ablation"] and every["n_tokens"] == ids.size
+    assert result["ce_spliced"] != result["ce_zero_ablation"]  # the gated rows kept their activation
+    # batch mode selects among the encoded rows only: exactly k per row on average
     assert eval_json(btk)["batch_mode"]["l0_mean"] == pytest.approx(4, abs=1e-9)
 
 
@@ -233,9 +237,6 @@ def test_standardising_sae_output_is_mapped_back(cache_path, tmp_path):
     x = torch.randn(5, D) * 3 + 1
     recon, _ = reconstruct(sae, x)
     torch.testing.assert_close(recon, x, rtol=1e-4, atol=1e-4)  # the std's epsilon: 1e-5 relative
-    mask = torch.tensor([[True, False]])
-    a, b = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
-    assert splice_where(mask, b, a)[0, :, 0].tolist() == [1, 0]
 
 
 def test_ratio_standard_error():

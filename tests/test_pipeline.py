@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 from tests.test_cli import run_sae
 
 
@@ -44,7 +46,8 @@ device = "cpu"
     for run in runs:
         cfg = json.loads((run / "cfg.json").read_text())
         evaluation = json.loads((run / "eval.json").read_text())
-        assert cfg["cache"]["layer"] == 1 and cfg["heldout"]["rows_all"] > 0
+        assert cfg["cache"]["layer"] == 1 and cfg["heldout"]["rows"] > 0
+        assert cfg["heldout"]["l0"] == pytest.approx(4, rel=0.01)  # batchtopk: θ calibrated to L0 = k
         assert evaluation["n_tokens"] == 512 and evaluation["ce_clean"] > 0
         assert evaluation["ce_spliced"] >= evaluation["ce_clean"] - 3 * evaluation["ce_spliced_stderr"]
         assert (run / "l0_histogram.png").stat().st_size > 0

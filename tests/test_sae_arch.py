@@ -7,6 +7,7 @@ from sae.errors import UserError
 from sae.train.config import SAESpec, TrainConfig
 from sae.train.sae import SparseAutoencoder, decode_dense, decode_sparse, select_batchtopk, select_topk
 from sae.train.synthetic import planted_acts
+from sae.train.theta import Eq7Estimate
 from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, train_step
 
 D, FEATURES, K = 64, 128, 4
@@ -31,13 +32,16 @@ def fit(arch: str, data_ND: torch.Tensor, steps: int, init=None, **overrides) ->
         init(sae)
     opt = make_optimizer(cfg, sae)
     dead = DeadLatents(sae)
+    theta = Eq7Estimate(steps, cfg.theta_tail, torch.device("cpu"))
     n_batches = len(data_ND) // cfg.batch_size
     for step in range(steps):
-        if step == int(steps * (1 - cfg.theta_tail)):
-            sae.reset_theta()
         b = step % n_batches
         x_BD = data_ND[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        train_step(sae, sae, opt, x_BD, cfg, world=1, dead=dead)
+        out = train_step(sae, sae, opt, x_BD, cfg, world=1, dead=dead)
+        if arch == "batchtopk":
+            theta.record(step, out.latents)
+    if arch == "batchtopk":
+        sae.theta.fill_(theta.value(steps))
     return sae.eval()
 
 

@@ -48,6 +48,8 @@ def test_saved_saes_act_on_raw_activations_like_the_trained_ones(cache, tmp_path
         # the trained SAE, in its own input space, from the last checkpoint
         trained = make_sae(cfg, spec, D, torch.device("cpu"))
         trained.load_state_dict(load_checkpoint(run_dir, record["step"], torch.device("cpu"))["sae"])
+        if spec.arch == "batchtopk":  # the saved θ is chosen after the last checkpoint
+            trained.theta.fill_(record["theta"])
         trained.eval()
         x_n, mult, shift = normalize_input(x_BD, normalize, record["input"]["scale"])
         with torch.no_grad():

@@ -117,18 +117,6 @@ def test_unwritable_or_occupied_run_directories_are_refused(cache, tmp_path):
         run_training(dataclasses.replace(cfg), cache)
 
 
-def test_dropped_rows_and_the_scale_are_recorded(cache, tmp_path):
-    cfg = small_config(
-        tmp_path, arch=("topk",), tokens=128 * 5, drop_bos=True, drop_first=True, drop_norm_quantile=0.99
-    )
-    (run_dir,) = run_training(cfg, cache)
-    record = json.loads((run_dir / "cfg.json").read_text())
-    assert record["input"]["drop_bos"] and record["input"]["max_norm"] > 0 and record["input"]["scale"] > 0
-    heldout = record["heldout"]
-    # held-out rows: 256 in all, minus 16 first positions, BOS rows and the top 1% of norms
-    assert heldout["rows_all"] == 256 and 200 < heldout["rows_kept"] < 240
-
-
 def test_holdout_takes_full_chunks_and_the_partial_last_one(tmp_path):
     from sae.cache.store import open_cache
     from sae.train.synthetic import write_cache

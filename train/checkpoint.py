@@ -14,6 +14,7 @@ runs' checkpoints resumes from the newest step that every run has.
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,9 +22,10 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from sae.cache.store import Cache
+from sae.cache.store import Cache, open_cache
 from sae.errors import UserError
 from sae.train.config import SAESpec
+from sae.train.gate import Gate
 from sae.train.sae import SparseAutoencoder, normalize_input
 
 WEIGHTS, CFG, METRICS = "sae_weights.safetensors", "cfg.json", "metrics.jsonl"
@@ -100,6 +102,8 @@ def saelens_cfg(sae: SparseAutoencoder, standardized: bool, cache_spec: dict, la
             "context_size": cache_spec.get("ctx_len"),
             "prepend_bos": True,
             "dataset_path": cache_spec.get("dataset"),
+            # SAELens cannot express the gate: it encodes every row (README, "Run directory").
+            "gate": sae.gate.record(),
         },
     }
     if sae.spec.arch == "topk":
@@ -126,6 +130,38 @@ def save_run(run_dir: Path, sae: SparseAutoencoder, scale: float, cfg_json: dict
     write_json(run_dir / CFG, cfg_json)
 
 
+@dataclass
+class Run:
+    path: Path
+    cfg: dict
+    """The run's cfg.json."""
+    cache: Cache
+    layer: int
+
+    @property
+    def model_key(self) -> tuple[str, str]:
+        return self.cache.spec["model"], self.cache.spec["model_dtype"]
+
+
+def read_run(run_dir: Path, cache: Path | None = None) -> Run:
+    """The run's cfg.json and its training cache (`cache`: where it is now, if it moved), checked
+    before any model is loaded."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CFG).is_file() or not (run_dir / WEIGHTS).is_file():
+        raise UserError(f"no saved SAE in {run_dir} (needs {CFG} and {WEIGHTS}); train one with `sae train`")
+    run_cfg = json.loads((run_dir / CFG).read_text())
+    if "cache" not in run_cfg:
+        raise UserError(f"{run_dir / CFG} names no training cache: use runs written by `sae train`")
+    recorded = run_cfg["cache"]
+    cache_path = Path(cache if cache is not None else recorded["path"])
+    if not cache_path.exists():
+        raise UserError(f"run {run_dir}: its training cache {cache_path} is not there; give its path with --cache")
+    cache = open_cache(cache_path)
+    if cache.key != recorded["key"]:
+        raise UserError(f"run {run_dir} was trained on cache {recorded['key']}, but {cache_path} is {cache.key}")
+    return Run(run_dir, run_cfg, cache, recorded["layer"])
+
+
 def load_sae(run_dir: Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """A saved SAE (raw-activation weights); `sae.input_norm` is "none" or "layer_norm"."""
     run_dir = Path(run_dir)
@@ -140,21 +176,41 @@ def load_sae(run_dir: Path, device: str | torch.device = "cpu") -> SparseAutoenc
         if sae.spec.arch == "jumprelu":
             sae.log_threshold.copy_(tensors["threshold"].log())
         elif sae.spec.arch == "batchtopk":
-            sae.theta_sum.fill_(float(tensors["threshold"][0]))
-            sae.theta_count.fill_(1)
+            sae.theta.fill_(float(tensors["threshold"][0]))
+    sae.gate = Gate.from_record(cfg["metadata"].get("gate"))
     sae.input_norm = cfg["normalize_activations"]
     return sae.eval()
 
 
 def reconstruct(
-    sae: SparseAutoencoder, x_BD: torch.Tensor, batch_mode: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstruction, latents) of a loaded SAE on raw activations, as SAELens computes them: a
-    standardising SAE ("layer_norm") sees each row standardised, and its output is mapped back."""
+    sae: SparseAutoencoder, x_BD: torch.Tensor, tokens_B: torch.Tensor | None = None,
+    positions_B: torch.Tensor | None = None, gate: bool = True, batch_mode: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(reconstruction [B, d] float32, latents [B, m]) of a loaded SAE on raw activations, as deployed:
+    rows its gate names pass through unchanged with no active latent (token ids and positions in
+    their contexts are needed only by a BOS or first-position gate); gate=False encodes every row,
+    as SAELens does."""
+    encode_B = ~sae.gate.gated(x_BD, tokens_B, positions_B) if gate and not sae.gate.empty else None
+    return reconstruct_rows(sae, x_BD, encode_B, batch_mode)
+
+
+def reconstruct_rows(
+    sae: SparseAutoencoder, x_BD: torch.Tensor, encode_B: torch.Tensor | None = None, batch_mode: bool = False,
+    theta: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """reconstruct() of the rows in encode_B (None: all); the others keep x and no latents, and batch
+    mode selects among the encoded rows only; `theta` replaces BatchTopK's saved θ. A standardising
+    SAE ("layer_norm") sees each row standardised and its output mapped back, as in SAELens."""
+    if encode_B is not None:
+        recon_BD, latents_BM = x_BD.float().clone(), x_BD.new_zeros(len(x_BD), sae.m, dtype=torch.float32)
+        if encode_B.any():
+            recon_ND, latents_NM = reconstruct_rows(sae, x_BD[encode_B], None, batch_mode, theta)
+            recon_BD[encode_B], latents_BM[encode_B] = recon_ND, latents_NM.float()
+        return recon_BD, latents_BM
     mode = "standardize" if getattr(sae, "input_norm", "none") == "layer_norm" else "none"
     x_n, mult, shift = normalize_input(x_BD, mode)
-    latents_BM = sae.encode(x_n, batch_mode)
-    return sae.decode(latents_BM) * mult + shift, latents_BM
+    latents_BM = sae.encode(x_n, batch_mode, theta)
+    return (sae.decode(latents_BM) * mult + shift).float(), latents_BM
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from sae.config import build_config, parse_count, parse_ints, read_pipeline_toml, stage_config
+from sae.config import build_config, parse_count, parse_counts, parse_ints, read_pipeline_toml, stage_config
 from sae.errors import UserError
 from sae.pipeline import resolve_cache
 from sae.train.config import TrainConfig
@@ -39,9 +39,12 @@ def train_command(
     threshold_lr: float = Opt(None, help="JumpReLU log-threshold learning rate (default: --lr)."),
     seed: int = Opt(None, help="Seed of the initialisation and data order."),
     normalize: str = Opt(None, help="none, standardize (per sample, reference code) or scale (E‖x‖=√d)."),
-    drop_bos: bool = Opt(None, "--drop-bos/--keep-bos", help="Leave BOS rows out of training."),
-    drop_first: bool = Opt(None, "--drop-first/--keep-first", help="Leave first-position rows out."),
-    drop_norm_quantile: float = Opt(None, help="Also leave out rows above this norm quantile, e.g. 0.999."),
+    gate_bos: bool = Opt(None, "--gate-bos/--no-gate-bos", help="Gate BOS rows: out of training, passed through."),
+    gate_first: bool = Opt(None, "--gate-first/--no-gate-first", help="Gate each context's first position."),
+    gate_norm: float = Opt(None, help="Gate rows above this multiple of the median row norm, e.g. 4."),
+    theta: str = Opt(None, help="BatchTopK's saved θ: calibrated (held-out L0 = k) or eq7 (the paper's)."),
+    epochs: float = Opt(None, help="Passes over the cache's training rows (default 1; may be fractional)."),
+    snapshots: str = Opt(None, help="Also save each SAE at these training-token counts, e.g. 1e6,3e6."),
     holdout_chunks: int = Opt(None, help="Last full cache chunks (and a partial last one) kept out of training."),
     aux_k: int = Opt(None, help="AuxK dead latents (default 512)."),
     aux_coeff: float = Opt(None, help="AuxK coefficient (default 1/32)."),
@@ -64,7 +67,8 @@ def train_command(
         arch=parse_list(arch, str), k=parse_list(k, int), dict_size=parse_list(dict_size, int),
         l0_coeff=parse_list(l0_coeff, float), l1_coeff=parse_list(l1_coeff, float), layer=layer,
         tokens=parse_count(tokens), batch_size=batch_size, lr=lr, threshold_lr=threshold_lr, seed=seed, normalize=normalize,
-        drop_bos=drop_bos, drop_first=drop_first, drop_norm_quantile=drop_norm_quantile,
+        gate_bos=gate_bos, gate_first=gate_first, gate_norm=gate_norm, theta=theta, epochs=epochs,
+        snapshots=parse_counts(snapshots),
         holdout_chunks=holdout_chunks, aux_k=aux_k, aux_coeff=aux_coeff, dead_tokens=dead_tokens,
         device=device, precision=precision, decode=decode, compile=compile,
         log_every=log_every, checkpoint_every=checkpoint_every, out=out, wandb=wandb,
@@ -76,6 +80,21 @@ def train_command(
         cache = resolve_cache(cache, config)
     for run_dir in run_training(cfg, cache, resume=resume is not None):
         print(run_dir)  # stdout carries only the result, so scripts can capture it
+
+
+def calibrate_command(
+    run: Path = typer.Argument(..., help="A BatchTopK run directory."),
+    l0: float = Opt(None, help="Target mean L0 on the held-out rows (default: the run's k)."),
+    cache: Path = Opt(None, help="The training cache, if it moved since training."),
+    device: str = Opt("cpu", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Choose BatchTopK's inference θ again so that its mean L0 on the run's held-out rows is --l0."""
+    from sae.train.theta import calibrate_run
+
+    result = calibrate_run(run, l0, cache, device)
+    print(
+        f"θ = {result['theta']:.6g}: mean L0 {result['l0']:.3f} on {result['rows']:,} held-out rows (asked {result['target_l0']:g})"
+    )
 
 
 def train_config(config_path: Path | None, overrides: dict) -> TrainConfig:

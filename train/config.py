@@ -16,6 +16,7 @@ ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
 NORMALIZATIONS = ("none", "standardize", "scale")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DECODES = ("auto", "sparse", "dense")
+THETAS = ("calibrated", "eq7")
 SWEEP_KEYS = ("arch", "k", "dict_size", "l0_coeff", "l1_coeff")
 
 
@@ -53,7 +54,13 @@ class TrainConfig:
     layer: int | None = None
     """Cache layer to train on; None: the cache's only layer."""
     tokens: int | None = None
-    """Training tokens per SAE; None: one pass over the cache's training rows (paper: 1e9)."""
+    """Training tokens per SAE, at most `epochs` passes' worth; None: all of them (paper: 1e9, one pass)."""
+    epochs: float = 1.0
+    """Passes over the cache's ungated training rows allowed (may be fractional); each pass visits
+    the chunks and rows in a fresh seeded order."""
+    snapshots: tuple[int, ...] = ()
+    """Training-token counts at which each SAE is also saved as a complete run directory
+    (RUN/snapshots/<tokens>/, θ chosen and held-out figures as at the end): learning curves from one run."""
     batch_size: int = 4096
     """Activations per step (paper: 4096)."""
     lr: float = 3e-4
@@ -84,12 +91,17 @@ class TrainConfig:
     normalize: str = "scale"
     """Input normalisation: none; standardize (per sample, as the reference code; saved as SAELens
     "layer_norm"); scale (one dataset-wide factor so E‖x‖ = √d, folded into the saved weights)."""
-    drop_bos: bool = False
-    """Leave rows of BOS tokens out of training (their norm is ~7x the rest in Llama-family models)."""
-    drop_first: bool = False
-    """Leave the first position of every context out of training (same reason as drop_bos)."""
-    drop_norm_quantile: float | None = None
-    """Also leave out rows whose norm is above this quantile (e.g. 0.999) of a sample of the rest."""
+    gate_bos: bool = False
+    """Gate BOS rows: left out of training, passed through unchanged at inference and evaluation."""
+    gate_first: bool = False
+    """Gate the first position of every context (the same way as gate_bos)."""
+    gate_norm: float | None = None
+    """Gate rows whose norm exceeds this multiple of the cache's median row norm, e.g. 4: the
+    massive-norm rows (attention sinks), whatever their token or position."""
+    theta: str = "calibrated"
+    """BatchTopK's saved inference threshold: calibrated (chosen on the held-out rows so that their
+    mean L0 is k: comparisons with TopK are at equal L0) or eq7 (the paper's estimate from training
+    batches). Both are recorded in cfg.json either way."""
     holdout_chunks: int = 1
     """Last full cache chunks (and a partial last chunk, if any) kept out of training; each SAE reports
     FVU and L0 on them at the end."""
@@ -117,7 +129,7 @@ class TrainConfig:
     """W&B project to log to (needs `pip install wandb`); None: no W&B."""
 
     def __post_init__(self) -> None:
-        for name in ("arch", "k", "dict_size", "l0_coeff", "l1_coeff", "betas", "sweep"):
+        for name in ("arch", "k", "dict_size", "l0_coeff", "l1_coeff", "betas", "sweep", "snapshots"):
             setattr(self, name, tuple(getattr(self, name)))
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_choice("precision", self.precision, PRECISIONS)
@@ -134,8 +146,14 @@ class TrainConfig:
             raise UserError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 < self.theta_tail <= 1:
             raise UserError(f"theta_tail must be in (0, 1], got {self.theta_tail}")
-        if self.drop_norm_quantile is not None and not 0 < self.drop_norm_quantile < 1:
-            raise UserError(f"drop_norm_quantile must be in (0, 1), got {self.drop_norm_quantile}")
+        if self.gate_norm is not None and not self.gate_norm > 1:
+            raise UserError(
+                f"gate_norm must be above 1 (a multiple of the median row norm, e.g. 4), got {self.gate_norm}"
+            )
+        check_choice("theta", self.theta, THETAS)
+        check_positive("epochs", self.epochs)
+        for tokens in self.snapshots:
+            check_positive("snapshots", tokens)
         if self.holdout_chunks < 0:
             raise UserError(f"holdout_chunks must be >= 0, got {self.holdout_chunks}")
         self.specs()  # validates every SAE of the sweep

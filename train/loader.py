@@ -11,58 +11,33 @@ import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sae.cache.store import Cache
 from sae.errors import UserError
+from sae.train.gate import Gate, chunk_rows
 
 
-@dataclass(frozen=True)
-class RowFilter:
-    """Rows left out of training; recorded in cfg.json."""
-
-    drop_bos: bool = False
-    drop_first: bool = False
-    max_norm: float | None = None
-    bos_token_id: int | None = None
-
-    def keep(self, tokens_CT: np.ndarray, acts_RD: torch.Tensor) -> torch.Tensor | None:
-        """Bool mask [R] of rows to keep, or None to keep all."""
-        if not (self.drop_bos or self.drop_first or self.max_norm is not None):
-            return None
-        keep_CT = np.ones(tokens_CT.shape, dtype=bool)
-        if self.drop_first:
-            keep_CT[:, 0] = False
-        if self.drop_bos and self.bos_token_id is not None:
-            keep_CT &= tokens_CT != self.bos_token_id
-        keep_R = torch.from_numpy(keep_CT.reshape(-1))
-        if self.max_norm is not None:
-            keep_R &= acts_RD.float().norm(dim=1) <= self.max_norm
-        return keep_R
-
-
-def read_rows(cache: Cache, layer: int, chunk: int, row_filter: RowFilter) -> torch.Tensor:
-    """A chunk's kept rows [R', d] in the storage dtype."""
+def read_rows(cache: Cache, layer: int, chunk: int, gate: Gate) -> torch.Tensor:
+    """A chunk's ungated rows [R', d] in the storage dtype."""
     acts_RD = cache.read_acts(layer, chunk)
-    keep_R = row_filter.keep(cache.read_tokens(chunk), acts_RD)
-    return acts_RD if keep_R is None else acts_RD[keep_R]
+    return acts_RD if gate.empty else acts_RD[~gate.gated(acts_RD, *chunk_rows(cache, chunk))]
 
 
 class Loader:
     """Iterate to get [batch_size, d] float32 batches on `device`; `position` is the resume state."""
 
     def __init__(self, cache: Cache, layer: int, chunks: list[int], batch_size: int, seed: int,
-                 row_filter: RowFilter = RowFilter(), buffer_chunks: int = 32, threads: int = 4,
+                 gate: Gate = Gate(), buffer_chunks: int = 32, threads: int = 4,
                  device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
                  position: dict | None = None):  # fmt: skip
         per_rank = len(chunks) // world  # equal shares keep ranks in step
         if per_rank == 0:
             raise UserError(f"{len(chunks)} training chunks cannot be shared by {world} ranks; harvest more")
         self.cache, self.layer, self.chunks, self.batch_size = cache, layer, sorted(chunks), batch_size
-        self.seed, self.row_filter, self.buffer_chunks = seed, row_filter, buffer_chunks
+        self.seed, self.gate, self.buffer_chunks = seed, gate, buffer_chunks
         self.rank, self.world, self.per_rank, self.device = rank, world, per_rank, device
         self.position = dict(position or {"epoch": 0, "block": 0, "batch": 0})
         self.reads = 0  # chunks read, for the one-read-per-batch test and the benchmark
@@ -92,7 +67,7 @@ class Loader:
 
     def _submit(self, epoch: int, block: int) -> list:
         args = (self.cache, self.layer)
-        return [self._pool.submit(read_rows, *args, c, self.row_filter) for c in self.block_chunks(epoch, block)]
+        return [self._pool.submit(read_rows, *args, c, self.gate) for c in self.block_chunks(epoch, block)]
 
     def _produce(self) -> None:
         """Producer thread: gathers batches (into pinned memory on CUDA) and queues them in order."""

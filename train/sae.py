@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.train.config import SAESpec
+from sae.train.gate import Gate
 
 TOPK_ARCHS = ("topk", "batchtopk")
 
@@ -142,10 +143,11 @@ class SparseAutoencoder(nn.Module):
         self.normalize_decoder()
         if spec.arch == "jumprelu":  # fp32 even under autocast: θ ~ 1e-3 moves by ε-sized steps
             self.log_threshold = nn.Parameter(torch.full((self.m,), math.log(init_threshold)))
-        # Tokens since each latent last fired (AuxK's dead set), and eq. 7's running sum and count.
+        if spec.arch == "batchtopk":  # the inference threshold; set by the trainer (train.theta)
+            self.register_buffer("theta", torch.zeros(()))
+        # Tokens since each latent last fired (AuxK's dead set).
         self.register_buffer("tokens_since_fired_M", torch.zeros(self.m, dtype=torch.long))
-        self.register_buffer("theta_sum", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("theta_count", torch.zeros((), dtype=torch.long))
+        self.gate = Gate()  # rows left alone: see train.gate
 
     # -- inference form: per-sample, batch-independent (what is saved and evaluated) --------------
     def pre_acts(self, x_BD: Tensor) -> Tensor:
@@ -157,18 +159,17 @@ class SparseAutoencoder(nn.Module):
         """Per-latent inference threshold: BatchTopK's θ (eq. 7) broadcast, JumpReLU's exp(log θ)."""
         if self.spec.arch == "jumprelu":
             return self.log_threshold.detach().exp()
-        theta = self.theta_sum / self.theta_count.clamp(min=1)
-        return theta.float().expand(self.m)
+        return self.theta.expand(self.m)
 
-    def encode(self, x_BD: Tensor, batch_mode: bool = False) -> Tensor:
-        """Dense latents [B, m]; BatchTopK runs as JumpReLU with its scalar θ, or, in batch_mode, in
-        its training form (the B·k largest activations of this batch together)."""
+    def encode(self, x_BD: Tensor, batch_mode: bool = False, theta: float | None = None) -> Tensor:
+        """Dense latents [B, m]; BatchTopK runs as JumpReLU with its scalar θ (or `theta`), or, in
+        batch_mode, in its training form (the B·k largest activations of this batch together)."""
         pre_BM = self.pre_acts(x_BD)
         if self.spec.arch == "topk" or (batch_mode and self.spec.arch == "batchtopk"):
             select = select_topk if self.spec.arch == "topk" else select_batchtopk
             return densify(select(pre_BM, self.spec.k), *pre_BM.shape)
         if self.spec.arch in ("batchtopk", "jumprelu"):
-            return pre_BM * (pre_BM > self.threshold_M())
+            return pre_BM * (pre_BM > (self.threshold_M() if theta is None else theta))
         return pre_BM
 
     def decode(self, latents_BM: Tensor) -> Tensor:
@@ -193,8 +194,6 @@ class SparseAutoencoder(nn.Module):
             fired_M = torch.zeros(self.m, device=x_BD.device).index_add_(0, active.cols_N, fired_N.float()) > 0
             if aux_k:
                 aux = self.aux_coeff * self.auxk_loss(x_BD, recon_BD, pre_BM, aux_k)
-            if self.training and self.spec.arch == "batchtopk":
-                self._track_theta(active.acts_N.detach())
         else:
             if self.spec.arch == "jumprelu":
                 latents_BM = JumpReLU.apply(pre_BM.float(), self.log_threshold, self.bandwidth)
@@ -218,18 +217,6 @@ class SparseAutoencoder(nn.Module):
         decode = decode_sparse if self.sparse_decode else decode_dense
         residual_BD = (x_BD - recon_BD).detach()
         return (decode(active, self.W_dec).float() - residual_BD.float()).square().mean() * dead_M.any()
-
-    @torch.no_grad()
-    def _track_theta(self, kept_N: Tensor) -> None:
-        """Eq. 7's term for this batch: the smallest positive activation BatchTopK kept."""
-        smallest = torch.where(kept_N > 0, kept_N, torch.inf).min()
-        found = torch.isfinite(smallest)
-        self.theta_sum.add_(torch.where(found, smallest, 0).double())
-        self.theta_count.add_(found.long())
-
-    def reset_theta(self) -> None:
-        self.theta_sum.zero_()
-        self.theta_count.zero_()
 
     def dead_M(self) -> Tensor:
         """[m] bool: latents that have not fired for dead_tokens tokens."""

@@ -27,12 +27,13 @@ from sae.train.checkpoint import (
     save_checkpoint,
     save_run,
     truncate_metrics,
-    write_json,
 )
 from sae.train.config import TrainConfig
-from sae.train.heldout import evaluate_heldout, input_setup
+from sae.train.gate import Gate
+from sae.train.heldout import batches, evaluate_heldout, heldout_rows, input_setup
 from sae.train.loader import Loader
 from sae.train.sae import SparseAutoencoder, normalize_input
+from sae.train.theta import Eq7Estimate, calibrate_theta
 from sae.versions import library_versions
 
 METRIC_NAMES = ("loss", "mse", "sparsity", "aux", "l0")
@@ -72,13 +73,15 @@ def holdout_chunks(cache: Cache, n_full: int) -> list[int]:
     return list(range(max(full_chunks - n_full, 0), cache.n_chunks))
 
 
-def make_sae(cfg: TrainConfig, spec, d_in: int, device: torch.device) -> SparseAutoencoder:
+def make_sae(cfg: TrainConfig, spec, d_in: int, device: torch.device, gate: Gate = Gate()) -> SparseAutoencoder:
     torch.manual_seed(cfg.seed)  # every SAE starts from the reference code's seed
     sparse_decode = cfg.decode == "sparse" or (cfg.decode == "auto" and device.type != "cuda")
-    return SparseAutoencoder(
+    sae = SparseAutoencoder(
         spec, d_in, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff, dead_tokens=cfg.dead_tokens,
         bandwidth=cfg.bandwidth, init_threshold=cfg.jumprelu_init_threshold, sparse_decode=sparse_decode,
     ).to(device)  # fmt: skip
+    sae.gate = gate
+    return sae
 
 
 def make_optimizer(cfg: TrainConfig, sae: SparseAutoencoder) -> torch.optim.Adam:
@@ -139,8 +142,28 @@ def train_step(sae, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int
     return out
 
 
+def training_steps(
+    cfg: TrainConfig, cache: Cache, train_chunks: list[int], gated_fraction: float, world: int
+) -> tuple[int, int]:
+    """(steps of cfg.batch_size rows per rank, rows in a pass): cfg.tokens, else cfg.epochs passes over
+    the ungated training rows (their count estimated from the gate's sample)."""
+    train_rows = sum(cache.contexts_in_chunk(c) for c in train_chunks) * cache.ctx_len
+    pass_rows = round(train_rows * (1 - gated_fraction))
+    available = int(cfg.epochs * pass_rows)
+    tokens = cfg.tokens or available
+    if tokens > available:
+        gated = f", {gated_fraction:.1%} of them gated" if gated_fraction else ""
+        raise UserError(
+            f"cache {cache.path} has {train_rows:,} training rows ({cache.rows:,} committed, {cfg.holdout_chunks} "
+            f"chunk(s) held out{gated}); {cfg.epochs:g} pass(es) over them are {available:,} tokens, fewer than the "
+            f"{tokens:,} tokens asked; harvest more (sae harvest --tokens N), lower --tokens or allow more passes "
+            f"with --epochs"
+        )
+    return max(1, tokens // (cfg.batch_size * world)), pass_rows
+
+
 def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> list[Path]:
-    """Train every SAE of cfg's sweep on one pass over the cache; returns their run directories."""
+    """Train every SAE of cfg's sweep on the same batches; returns their run directories."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
@@ -153,26 +176,24 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
     run_dirs = [Path(cfg.out) / s.name for s in specs]
     held_chunks = holdout_chunks(cache, cfg.holdout_chunks)
     train_chunks = [c for c in range(cache.n_chunks) if c not in held_chunks]
-    train_rows = sum(cache.contexts_in_chunk(c) for c in train_chunks) * cache.ctx_len
     if not train_chunks:
         raise UserError(f"cache {cache.path} has {cache.n_chunks} chunk(s), all held out; lower --holdout-chunks")
-    tokens = cfg.tokens or train_rows
-    if tokens > train_rows:
-        raise UserError(
-            f"cache {cache.path} has {train_rows:,} training rows ({cache.rows:,} committed, "
-            f"{cfg.holdout_chunks} chunk(s) held out), fewer than the {tokens:,} tokens asked; "
-            f"harvest more (sae harvest --tokens N) or lower --tokens"
-        )
-    steps = max(1, tokens // (cfg.batch_size * world))
-    scale, row_filter, input_record = input_setup(cfg, cache, layer, train_chunks)
+    if cfg.theta == "calibrated" and not held_chunks and any(s.arch == "batchtopk" for s in specs):
+        raise UserError("calibrating BatchTopK's θ needs held-out rows: set --holdout-chunks 1 or more, or --theta eq7")
+    setup = input_setup(cfg, cache, layer, train_chunks)
+    steps, pass_rows = training_steps(cfg, cache, train_chunks, setup.gated_fraction, world)
+    tokens_per_step = cfg.batch_size * world
+    # Snapshots at or past the end are the run itself.
+    snapshot_steps = {t // tokens_per_step for t in cfg.snapshots if 0 < t // tokens_per_step < steps}
 
-    saes = [make_sae(cfg, spec, cache.d_model, device) for spec in specs]
+    saes = [make_sae(cfg, spec, cache.d_model, device, setup.gate) for spec in specs]
     opts = [make_optimizer(cfg, sae) for sae in saes]
     models = [torch.compile(s) if cfg.compile else s for s in saes]
+    thetas = [Eq7Estimate(steps, cfg.theta_tail, device) if s.arch == "batchtopk" else None for s in specs]
     start, position = 0, None
     if resume:
         start = common_step(run_dirs)
-        for run_dir, sae, opt in zip(run_dirs, saes, opts, strict=True):
+        for run_dir, sae, opt, theta in zip(run_dirs, saes, opts, thetas, strict=True):
             state = load_checkpoint(run_dir, start, device)
             if state["d_in"] != cache.d_model:
                 raise UserError(
@@ -181,6 +202,8 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
                 )
             sae.load_state_dict(state["sae"])
             opt.load_state_dict(state["optim"])
+            if theta is not None:
+                theta.min_S.copy_(state["theta_min"])
             position = state["loader"][rank]
             if rank == 0:
                 truncate_metrics(run_dir, start)
@@ -188,19 +211,43 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
         for run_dir in run_dirs:
             prepare_run_dir(run_dir, resume=False)
     loader = Loader(
-        cache, layer, train_chunks, cfg.batch_size, cfg.seed, row_filter, cfg.buffer_chunks,
+        cache, layer, train_chunks, cfg.batch_size, cfg.seed, setup.gate, cfg.buffer_chunks,
         cfg.loader_threads, device, rank, world, position,
     )  # fmt: skip
+    held = heldout_rows(cache, layer, held_chunks, setup.gate) if rank == 0 and held_chunks else None
 
     def cfg_json(i: int, step: int) -> dict:
         return {
             **run_cfg(saes[i], cfg.normalize == "standardize", cache, layer),
             "step": step,
-            "tokens": step * cfg.batch_size * world,
-            "input": input_record,
+            "tokens": step * tokens_per_step,
+            "epochs": step * tokens_per_step / pass_rows,
+            "input": setup.record(cfg.normalize),
             "train_config": to_jsonable(cfg),
             "versions": library_versions(),
         }
+
+    def save_final(i: int, step: int, run_dir: Path) -> dict:
+        """The run dir of SAE i as it is after `step` steps: θ chosen, held-out figures; rank 0."""
+        sae, record = saes[i], {}
+        if thetas[i] is not None:
+            record["theta_eq7"] = thetas[i].value(step)
+            record["theta_source"] = "eq7" if held is None else cfg.theta
+            sae.theta.fill_(record["theta_eq7"])
+            if record["theta_source"] == "calibrated":
+                inputs = (
+                    normalize_input(x, cfg.normalize, setup.scale)[0]
+                    for x in batches(held.rows_ND, cfg.batch_size, device)
+                )
+                record["theta_calibration"] = calibrate_theta(sae, inputs, sae.spec.k)
+                sae.theta.fill_(record["theta_calibration"]["theta"])
+        if held is not None:
+            record["heldout"] = {
+                **evaluate_heldout(sae, held, cfg.normalize, setup.scale, cfg.batch_size, device),
+                "dead_frac": float(sae.dead_fraction()),
+            }
+        save_run(run_dir, sae, setup.scale, {**cfg_json(i, step), **record})
+        return record
 
     def checkpoint(step: int) -> None:
         positions = [None] * world
@@ -210,40 +257,47 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
             positions = [loader.position]
         if rank != 0:
             return
-        for i, (run_dir, sae, opt) in enumerate(zip(run_dirs, saes, opts, strict=True)):
+        for i, (run_dir, sae, opt, theta) in enumerate(zip(run_dirs, saes, opts, thetas, strict=True)):
             state = {"step": step, "d_in": sae.d_in, "sae": sae.state_dict(), "optim": opt.state_dict()}
+            if theta is not None:
+                state["theta_min"] = theta.min_S
+                sae.theta.fill_(theta.value(step))  # the run dir between checkpoints: eq. 7's θ
             save_checkpoint(run_dir, step, {**state, "loader": positions})
-            save_run(run_dir, sae, scale, cfg_json(i, step))
+            save_run(run_dir, sae, setup.scale, {**cfg_json(i, step), "theta_source": "eq7" if theta else None})
         for run_dir in run_dirs:
             prune_checkpoints(run_dir)
 
     wandb_run = _wandb(cfg, [s.name for s in specs]) if rank == 0 else None
     dead_latents = [DeadLatents(sae) for sae in saes]  # after a resume's state is loaded: exact resumes
     sums = torch.zeros(len(saes), len(METRIC_NAMES), device=device)
-    theta_start = int(steps * (1 - cfg.theta_tail))
     last_sync, last_time = start, time.perf_counter()
     progress = make_progress("tok")
     progress.disable = rank != 0
     try:
         with progress:
-            task = progress.add_task(f"train {len(saes)} SAE(s)", total=steps * cfg.batch_size * world, status="")
-            progress.update(task, completed=start * cfg.batch_size * world)
+            task = progress.add_task(f"train {len(saes)} SAE(s)", total=steps * tokens_per_step, status="")
+            progress.update(task, completed=start * tokens_per_step)
             for step in range(start, steps):
-                x_BD, _, _ = normalize_input(next(loader), cfg.normalize, scale)
+                x_BD, _, _ = normalize_input(next(loader), cfg.normalize, setup.scale)
                 for i, (sae, model, opt) in enumerate(zip(saes, models, opts, strict=True)):
-                    if step == theta_start:
-                        sae.reset_theta()
                     out = train_step(sae, model, opt, x_BD, cfg, world, dead_latents[i])
+                    if thetas[i] is not None:
+                        thetas[i].record(step, out.latents)
                     terms = (out.loss, out.mse, out.sparsity, out.aux, out.l0_B.mean())
                     sums[i] += torch.stack([t.detach().float() for t in terms])
                 done = step + 1
+                if done in snapshot_steps and rank == 0:
+                    for i, run_dir in enumerate(run_dirs):
+                        snapshot_dir = run_dir / "snapshots" / str(done * tokens_per_step)
+                        snapshot_dir.mkdir(parents=True, exist_ok=True)
+                        save_final(i, done, snapshot_dir)
                 if done % cfg.log_every and done % cfg.checkpoint_every and done != steps:
                     continue
                 # Sync point: metrics, the NaN check (before any checkpoint), AuxK's dead set.
                 now = time.perf_counter()
                 means = (sums / (done - last_sync)).tolist()
                 sums.zero_()
-                tok_s = (done - last_sync) * cfg.batch_size * world / (now - last_time)
+                tok_s = (done - last_sync) * tokens_per_step / (now - last_time)
                 last_sync, last_time = done, now
                 status = []
                 for i, (run_dir, sae) in enumerate(zip(run_dirs, saes, strict=True)):
@@ -254,24 +308,23 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
                             f"its last good checkpoint is kept in {run_dir}; try a lower --lr"
                         )
                     dead = float(sae.dead_fraction())
-                    record.update(step=done, tokens=done * cfg.batch_size * world, dead_frac=dead, tokens_per_s=tok_s)
+                    record.update(step=done, tokens=done * tokens_per_step, dead_frac=dead, tokens_per_s=tok_s)
                     status.append(f"{run_dir.name}: loss {record['loss']:.4g} L0 {record['l0']:.1f}")
                     if rank == 0:
                         with open(run_dir / METRICS, "a") as f:
                             f.write(json.dumps(record) + "\n")
                         if wandb_run is not None:
                             wandb_run.log({f"{run_dir.name}/{k}": v for k, v in record.items()}, step=done)
-                progress.update(task, completed=done * cfg.batch_size * world, status=" | ".join(status))
+                progress.update(task, completed=done * tokens_per_step, status=" | ".join(status))
                 if done % cfg.checkpoint_every == 0 or done == steps:
                     checkpoint(done)
     finally:
         loader.close()
-    if rank == 0 and held_chunks:
-        for i, (run_dir, sae) in enumerate(zip(run_dirs, saes, strict=True)):
-            heldout = evaluate_heldout(sae, cache, layer, held_chunks, cfg, scale, row_filter, device)
-            write_json(run_dir / "cfg.json", {**cfg_json(i, steps), "heldout": heldout})
+    if rank == 0:
+        for i, run_dir in enumerate(run_dirs):
+            record = save_final(i, steps, run_dir)
             with open(run_dir / METRICS, "a") as f:
-                f.write(json.dumps({"step": steps, "heldout": heldout}) + "\n")
+                f.write(json.dumps({"step": steps, **record}) + "\n")
     if wandb_run is not None:
         wandb_run.finish()
     return run_dirs
