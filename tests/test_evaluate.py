@@ -18,6 +18,7 @@ from sae.harvest.harvest import harvest
 from sae.harvest.model import load_model
 from sae.train.checkpoint import load_sae, reconstruct, run_cfg, save_run
 from sae.train.config import SAESpec
+from sae.train.gate import Gate
 from sae.train.sae import SparseAutoencoder
 from tests.test_harvest import small_config
 
@@ -213,6 +214,25 @@ def test_an_evaluation_gate_passes_bos_rows_through_and_leaves_them_out_of_the_m
     assert result["ce_spliced"] != result["ce_zero_ablation"]  # the gated rows kept their activation
     # batch mode selects among the encoded rows only: exactly k per row on average
     assert eval_json(btk)["batch_mode"]["l0_mean"] == pytest.approx(4, abs=1e-9)
+
+
+def test_an_sae_with_a_norm_gate_passes_its_gated_rows_through(cache_path, tmp_path):
+    sae = identity_sae()
+    norms = open_cache(cache_path).read_acts(LAYER, 0).float().norm(dim=1)
+    sae.gate = Gate(norm_ratio=1.0, median_norm=float(norms.quantile(0.7)))  # the top ≈ 30% of rows
+    run = save_sae(tmp_path / "gated", sae, cache_path)
+    zero = zero_sae()
+    zero.gate = sae.gate
+    zero_run = save_sae(tmp_path / "zero", zero, cache_path)
+    evaluate_runs([run, zero_run], EvalConfig(**EVAL))
+    result, z = eval_json(run), eval_json(zero_run)
+    x = held_out_acts(load_model(str(small_path(cache_path)), "float32", "cpu"), result).reshape(-1, D)
+    gated = x.norm(dim=1) > sae.gate.max_norm
+    assert 0 < gated.sum() < len(gated) and result["gated_fraction"] == pytest.approx(float(gated.float().mean()))
+    assert result["gate"] == sae.gate.record() and result["n_tokens"] == int((~gated).sum())
+    # the zero SAE zeroes the ungated rows only: NMSE 1 over them, a CE of its own; every position: zero-ablation
+    assert z["nmse"] == 1 and z["every_position"]["ce_spliced"] == z["ce_zero_ablation"]
+    assert z["ce_spliced"] not in (z["ce_clean"], z["ce_zero_ablation"]) and z["every_position"]["nmse"] == 1
 
 
 def test_theta_and_batch_mode_for_batchtopk(cache_path, tmp_path):
