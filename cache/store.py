@@ -13,6 +13,7 @@ valid cache whose uncommitted chunk files are simply rewritten on resume.
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 import zarr
 
 from sae.cache.codecs import STORAGE_DTYPES, compressors, from_storage, to_storage, zarr_dtype
+from sae.cache.lock import LOCK_NAME
 from sae.cache.spec import cache_key
 from sae.errors import UserError
 
@@ -349,6 +351,13 @@ def open_writer(path: Path, spec: dict, storage: dict, d_model: int, provenance:
         **provenance,
     }
     return CacheWriter(path, group)
+
+
+def remove_cache_files(path: Path) -> None:
+    """Everything of a cache but its writer lock (call it holding the lock; the lock goes after)."""
+    for entry in path.iterdir():
+        if entry.name != LOCK_NAME:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def default_cache_root(configured: Path | None) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 
 from sae.errors import UserError
 from sae.evaluate.config import EvalConfig
-from sae.harvest.text import DatasetSource, iter_contexts, iter_documents, iter_token_docs
+from sae.harvest.text import DatasetSource, iter_contexts, iter_documents, iter_token_docs, open_dataset
 
 
 def first_unread_doc(stream_end: dict) -> int:
@@ -82,9 +82,8 @@ def eval_plan(cfg: EvalConfig, spec: dict, stream_end: dict, cache_path: str) ->
 def heldout_tokens(plan: dict, source: DatasetSource, tokenizer) -> tuple[np.ndarray, dict]:
     """int32 [n_contexts, ctx_len] and the plan completed with where the stream stopped and a hash."""
     start, bos = plan["start_doc"], plan["bos_token_id"]
-    documents = iter_documents(
-        source, plan["dataset_config"], plan["dataset_split"], plan["text_column"], plan["seed"], start_doc=start
-    )
+    dataset = open_dataset(source, plan["dataset_config"], plan["dataset_split"], plan["text_column"])
+    documents = iter_documents(dataset, plan["text_column"], plan["seed"], start_doc=start)
     token_docs = iter_token_docs(documents, tokenizer, bos, first_doc=start)
     contexts = iter_contexts(token_docs, plan["ctx_len"], plan["packing"], bos, {"doc": start, "offset": 0})
     taken = list(itertools.islice(contexts, plan["n_contexts"]))

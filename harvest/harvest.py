@@ -7,6 +7,7 @@ write up to WRITERS chunks while the next chunk's forward passes run -> commits 
 """
 
 import collections
+import contextlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,13 +18,22 @@ import torch
 from sae.cache.codecs import STORAGE_DTYPES
 from sae.cache.lock import writer_lock
 from sae.cache.spec import cache_dir_name
-from sae.cache.store import CacheWriter, chunk_stats, default_cache_root, merge_chunk_stats, open_writer, plain_rows
+from sae.cache.store import (
+    CacheWriter,
+    chunk_stats,
+    default_cache_root,
+    is_cache,
+    merge_chunk_stats,
+    open_writer,
+    plain_rows,
+    remove_cache_files,
+)
 from sae.config import to_jsonable
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.harvest.hooks import capture
 from sae.harvest.model import LoadedModel, check_site, load_model
-from sae.harvest.text import DatasetSource, iter_contexts, iter_documents, iter_token_docs
+from sae.harvest.text import DatasetSource, iter_contexts, iter_documents, iter_token_docs, open_dataset
 from sae.progress import console, make_progress
 from sae.versions import library_versions
 
@@ -55,6 +65,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Path:
     on cfg's device (a caller harvesting several times saves the load)."""
     device = resolve_device(cfg.device)
     source = DatasetSource.resolve(cfg.dataset)
+    dataset = open_dataset(source, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
     loaded = loaded or load_model(cfg.model, cfg.model_dtype, str(device))
     check_site(cfg.site, list(cfg.layers), loaded.n_layers)
     spec = build_spec(cfg, loaded, source)
@@ -64,30 +75,42 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Path:
     path = default_cache_root(cfg.cache_dir) / cache_dir_name(spec)
     provenance = {"harvest_config": to_jsonable(cfg), "versions": library_versions()}
     storage = {"codec": cfg.codec, "chunk_contexts": cfg.chunk_contexts}
-    with writer_lock(path):
-        writer = open_writer(path, spec, storage, loaded.d_model, provenance)
-        have = writer.n_contexts
-        if have >= target_contexts:
-            console.print(f"{path} already holds {have * cfg.ctx_len:,} tokens (asked {cfg.tokens:,}): nothing to do")
-            return path
-        writer.reserve(target_contexts)
-        _harvest_chunks(writer, loaded, cfg, source, target_contexts, device)
-        if writer.n_contexts == 0:
-            raise UserError(f"dataset '{cfg.dataset}' yielded no complete context of {cfg.ctx_len} tokens")
-        if writer.n_contexts < target_contexts:
-            writer.reserve(writer.n_contexts)
-            console.print(f"dataset exhausted: the cache holds {writer.n_contexts * cfg.ctx_len:,} tokens")
+    fresh = not is_cache(path)
+    try:
+        with writer_lock(path):
+            writer = open_writer(path, spec, storage, loaded.d_model, provenance)
+            have = writer.n_contexts
+            if have >= target_contexts:
+                console.print(
+                    f"{path} already holds {have * cfg.ctx_len:,} tokens (asked {cfg.tokens:,}): nothing to do"
+                )
+                return path
+            writer.reserve(target_contexts)
+            try:
+                _harvest_chunks(writer, loaded, cfg, dataset, target_contexts, device)
+            finally:
+                if fresh and writer.n_contexts == 0:  # a cache with nothing committed holds nothing to keep
+                    remove_cache_files(path)
+            if writer.n_contexts == 0:
+                raise UserError(
+                    f"dataset '{cfg.dataset}' yielded no complete context of {cfg.ctx_len} tokens: its documents "
+                    "are empty or together shorter than one context"
+                )
+            if writer.n_contexts < target_contexts:
+                writer.reserve(writer.n_contexts)
+                console.print(f"dataset exhausted: the cache holds {writer.n_contexts * cfg.ctx_len:,} tokens")
+    except BaseException:
+        if fresh:
+            with contextlib.suppress(OSError):  # empty now, unless another writer has taken the lock since
+                path.rmdir()
+        raise
     return path
 
 
-def _harvest_chunks(
-    writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, source: DatasetSource, target: int, device
-) -> None:
+def _harvest_chunks(writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, dataset, target: int, device) -> None:
     ctx_len, chunk_contexts = cfg.ctx_len, cfg.chunk_contexts
     first_chunk, position = writer.resume["chunk_index"], writer.resume["stream"]
-    documents = iter_documents(
-        source, cfg.dataset_config, cfg.dataset_split, cfg.text_column, cfg.seed, start_doc=position["doc"]
-    )
+    documents = iter_documents(dataset, cfg.text_column, cfg.seed, start_doc=position["doc"])
     token_docs = iter_token_docs(documents, loaded.tokenizer, loaded.bos_token_id, first_doc=position["doc"])
     contexts = iter_contexts(token_docs, ctx_len, cfg.packing, loaded.bos_token_id, position)
     pin = device.type == "cuda"

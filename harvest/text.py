@@ -53,17 +53,18 @@ class DatasetSource:
         return cls(name, "hub", name, "unversioned")
 
 
-def iter_documents(
-    source: DatasetSource, config: str | None, split: str, text_column: str, seed: int, start_doc: int
-) -> Iterator[str]:
-    """Texts in the seeded order of the dataset, from document index start_doc on."""
+def open_dataset(source: DatasetSource, config: str | None, split: str, text_column: str):
+    """The dataset (a hub dataset streamed), checked now, before any model is loaded: it loads, has
+    the text column and, when local, at least one document."""
     import datasets
 
     datasets.disable_progress_bars()
+    empty = UserError(f"dataset '{source.name}' is empty: it has no documents")
+    if source.kind == "file" and _empty_file(Path(source.location)):
+        raise empty  # datasets fails on these with a different error per format
     try:
         if source.kind == "hub":
             ds = datasets.load_dataset(source.location, config, split=split, streaming=True)
-            ds = ds.shuffle(seed=seed, buffer_size=10_000).skip(start_doc)
         elif source.kind == "disk":
             ds = datasets.load_from_disk(source.location)
             ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
@@ -71,15 +72,37 @@ def iter_documents(
             builder = _FILE_BUILDERS[Path(source.location).suffix]
             ds = datasets.load_dataset(builder, data_files=source.location, split="train")
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        if "corresponds to no data" in str(e):  # a csv of a header only, a json of []
+            raise empty from None
         raise UserError(f"cannot load dataset '{source.name}': {str(e).splitlines()[0]}") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise UserError(f"cannot load dataset '{source.name}': {str(e.__cause__ or e).splitlines()[0]}") from None
     if text_column not in ds.column_names:
         raise UserError(f"dataset '{source.name}' has no column '{text_column}' (it has {ds.column_names})")
-    if source.kind == "hub":
-        yield from (row[text_column] for row in ds)
+    if source.kind != "hub" and len(ds) == 0:
+        raise empty
+    return ds
+
+
+def _empty_file(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    if path.stat().st_size == 0:
+        return True
+    return path.suffix == ".parquet" and pq.ParquetFile(path).metadata.num_rows == 0
+
+
+def iter_documents(ds, text_column: str, seed: int, start_doc: int) -> Iterator[str]:
+    """Texts of an opened dataset in its seeded order, from document index start_doc on; a missing
+    text (a csv's empty cell) is an empty document."""
+    import datasets
+
+    if isinstance(ds, datasets.IterableDataset):  # the hub: a seeded shuffle buffer over the stream
+        yield from (row[text_column] or "" for row in ds.shuffle(seed=seed, buffer_size=10_000).skip(start_doc))
         return
     ds = ds.shuffle(seed=seed)
     for start in range(start_doc, len(ds), 1024):
-        yield from ds[start : start + 1024][text_column]
+        yield from (text or "" for text in ds[start : start + 1024][text_column])
 
 
 def iter_token_docs(documents: Iterator[str], tokenizer, bos_token_id: int, first_doc: int) -> Iterator:

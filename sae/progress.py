@@ -1,4 +1,13 @@
-"""The rich progress bar every long stage shows: done/total, rate and ETA; nothing else is printed."""
+"""The progress every long stage shows: done/total, rate and ETA, and a short status (loss, L0).
+
+On a terminal it is a rich progress bar. Anywhere else (CI, nohup, a cluster job's log file) a bar
+would appear only at the end, cut to 80 columns; there a plain line per task is printed every
+SAE_PROGRESS_INTERVAL seconds (30 by default) and once at the end, never cut. Nothing else is printed.
+"""
+
+import os
+import sys
+import threading
 
 from rich.console import Console
 from rich.progress import (
@@ -26,8 +35,53 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="cyan")
 
 
-def make_progress(unit: str) -> Progress:
-    """Tasks added to it take a `status` field (a short text shown after the ETA, e.g. loss and L0)."""
+class PlainProgress(Progress):
+    """rich's task bookkeeping (rates, ETA) without its live display: a timer thread prints lines."""
+
+    def __init__(self, unit: str, interval: float):
+        super().__init__(console=console, disable=True)
+        self.unit, self.interval, self.quiet = unit, interval, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._report_every_interval, daemon=True, name="sae-progress")
+
+    def __enter__(self) -> "PlainProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.report()
+
+    def _report_every_interval(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.report()
+
+    def report(self) -> None:
+        if self.quiet:
+            return
+        for task in self.tasks:
+            speed = task.finished_speed or task.speed
+            done = f"{task.completed:,.0f}/{task.total:,.0f} {self.unit} ({task.percentage:.0f}%)"
+            rate = f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s"
+            eta = f"ETA {_clock(task.time_remaining)}" if task.time_remaining is not None else "ETA -"
+            status = f" | {task.fields['status']}" if task.fields.get("status") else ""
+            print(f"{task.description}: {done}, {rate}, elapsed {_clock(task.elapsed)}, {eta}{status}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _clock(seconds: float | None) -> str:
+    seconds = int(seconds or 0)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def make_progress(unit: str, quiet: bool = False) -> Progress:
+    """A progress display for tasks that take a `status` field (a short text: loss, L0); `quiet`
+    shows nothing (e.g. ranks other than 0)."""
+    if not console.is_terminal:
+        progress = PlainProgress(unit, float(os.environ.get("SAE_PROGRESS_INTERVAL", "30")))
+        progress.quiet = quiet
+        return progress
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -38,4 +92,5 @@ def make_progress(unit: str) -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
+        disable=quiet,
     )

@@ -54,3 +54,24 @@ def test_harvest_then_cache_commands(monkeypatch, capsys, tiny_gpt2, sample_parq
 def test_bad_input_is_one_line(monkeypatch, capsys, args, message):
     code, out, err = run_sae(monkeypatch, capsys, *args)
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith(message)
+
+
+def test_without_a_terminal_progress_is_plain_lines_never_cut(tmp_path):
+    """stderr to a file (CI, nohup): a line per task at a steady interval with rate, ETA and every
+    SAE's loss, however long, instead of one bar cut to 80 columns at the end."""
+    import os
+    import subprocess
+
+    from sae.train.synthetic import planted_acts, write_cache
+
+    cache = write_cache(tmp_path / "caches", planted_acts(8 * 256, 32, 64, 4), ctx_len=16, chunk_contexts=16)
+    args = ["train", "--cache", str(cache), "--arch", "batchtopk,topk", "--k", "4", "--dict-size", "64"]
+    args += ["--batch-size", "64", "--log-every", "2", "--out", str(tmp_path / "runs")]
+    env = {**os.environ, "SAE_PROGRESS_INTERVAL": "0.05"}
+    done = subprocess.run([sys.executable, "-m", "sae", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("train 2 SAE(s): ") for line in lines)
+    last = lines[-1]
+    assert "1,792/1,792 tok (100%)" in last and "tok/s" in last and "ETA" in last and len(last) > 120
+    assert "batchtopk_k4_m64: loss" in last and "topk_k4_m64: loss" in last

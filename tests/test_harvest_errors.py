@@ -34,18 +34,56 @@ def test_unknown_site_and_other_config_values():
         HarvestConfig(ctx_len=0)
 
 
-def test_empty_dataset(tiny_gpt2, tmp_path):
+EMPTY_FILES = {  # every supported local format: no documents at all, or only empty ones
+    "empty.parquet": None, "empty.jsonl": "", "empty.json": "[]", "empty.txt": "", "empty.csv": "text\n",
+    "blank.parquet": None, "blank.jsonl": '{"text": ""}\n{"text": "  "}\n', "blank.json": '[{"text": ""}]',
+    "blank.txt": "\n\n", "blank.csv": 'text\n""\n"  "\n',
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(EMPTY_FILES))
+def test_empty_datasets_are_one_line_errors_and_leave_no_cache(tiny_gpt2, tmp_path, name):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    empty = tmp_path / "empty.parquet"
-    pq.write_table(pa.table({"text": pa.array(["", "  "], pa.string())}), empty)
-    with pytest.raises(UserError, match="yielded no complete context of 32 tokens"):
-        harvest(small_config(tiny_gpt2, empty, tmp_path))
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"text": pa.array([] if name.startswith("empty") else ["", "  "], pa.string())}), path)
+    else:
+        path.write_text(EMPTY_FILES[name])
+    message = "is empty: it has no documents" if name.startswith("empty") else "yielded no complete context of 32"
+    with pytest.raises(UserError, match=message):
+        harvest(small_config(tiny_gpt2, path, tmp_path / "caches"))
+    assert not (tmp_path / "caches").exists() or not any((tmp_path / "caches").iterdir())
+
+
+def test_missing_dataset_or_column(tiny_gpt2, sample_parquet, tmp_path):
     with pytest.raises(UserError, match="has no column 'body'"):
-        harvest(small_config(tiny_gpt2, empty, tmp_path, text_column="body"))
+        harvest(small_config(tiny_gpt2, sample_parquet, tmp_path, text_column="body"))
     with pytest.raises(UserError, match="dataset file .*missing.parquet does not exist"):
         harvest(small_config(tiny_gpt2, tmp_path / "missing.parquet", tmp_path))
+
+
+def test_an_unreachable_hub_fails_within_seconds_in_one_line(tmp_path):
+    """Without the quick look at the hub, from_pretrained retried for ≈ 50 s before failing."""
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path)}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "sae", "harvest", "--model", "gpt2", "--tokens", "1000", "--cache-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1 and time.monotonic() - start < 40
+    assert done.stderr.strip().splitlines() == [
+        "error: cannot load model 'gpt2': the Hugging Face hub is unreachable (ConnectError) and the model is not "
+        "in the local cache; connect, or download it where there is a network"
+    ]
 
 
 def test_non_finite_activations_commit_nothing(tiny_gpt2, sample_parquet, tmp_path):

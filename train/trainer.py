@@ -271,8 +271,7 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
     dead_latents = [DeadLatents(sae) for sae in saes]  # after a resume's state is loaded: exact resumes
     sums = torch.zeros(len(saes), len(METRIC_NAMES), device=device)
     last_sync, last_time = start, time.perf_counter()
-    progress = make_progress("tok")
-    progress.disable = rank != 0
+    progress = make_progress("tok", quiet=rank != 0)
     try:
         with progress:
             task = progress.add_task(f"train {len(saes)} SAE(s)", total=steps * tokens_per_step, status="")
