@@ -12,9 +12,15 @@ ones a user would type; this file only runs them and collects their outputs.
 """
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 # (name, what it is, sae train flags)
 TREATMENTS = {
@@ -49,21 +55,137 @@ def train(cache: Path, out: Path, treatments: list[str], k: int, dict_size: int,
         )  # fmt: skip
 
 
+def run_dirs(out: Path) -> list[Path]:
+    """Every finished run and snapshot under out."""
+    finals = [p.parent for p in sorted(out.glob("*/*/cfg.json")) if "heldout" in p.read_text()]
+    return finals + [p.parent for p in sorted(out.glob("*/*/snapshots/*/cfg.json"))]
+
+
+def evaluate(out: Path, tokens: int) -> None:
+    """One `sae eval` for all runs: they share a cache, so they share the clean and ablated passes."""
+    todo = [d for d in run_dirs(out) if not (d / "eval.json").exists()]
+    if todo:
+        sae("eval", *map(str, todo), "--gate-norm", EVAL_GATE_NORM, "--tokens", str(tokens))
+
+
+METRICS = (  # eval.json key, where, label
+    ("fvu", "", "FVU, ungated rows"),
+    ("nmse_standardized", "", "standardised NMSE (paper), ungated rows"),
+    ("ce_degradation", "", "CE degradation, gated rows passed through (nats)"),
+    ("ce_degradation", "every_position", "CE degradation, every position spliced (nats)"),
+)
+
+
+def collect(out: Path) -> list[dict]:
+    """One row per evaluated run: treatment, arch, k, training tokens and the metrics with stderrs."""
+    rows = []
+    for d in run_dirs(out):
+        if not (d / "eval.json").exists():
+            continue
+        result = json.loads((d / "eval.json").read_text())
+        cfg = json.loads((d / "cfg.json").read_text())
+        row = {
+            "treatment": d.relative_to(out).parts[0].split("_")[0], "arch": cfg["training_architecture"],
+            "k": cfg["sae"]["k"], "dict_size": cfg["sae"]["dict_size"], "tokens": cfg["tokens"],
+            "epochs": cfg["epochs"], "l0": result["l0_mean"], "l0_stderr": result["l0_mean_stderr"],
+            "l0_eq7": result.get("theta_eq7", {}).get("l0_mean"), "gated_fraction": result["gated_fraction"],
+            "dead": result["dead_latents"], "dir": str(d),
+        }  # fmt: skip
+        for key, where, _ in METRICS:
+            source = result[where] if where else result
+            name = f"{key}_{where}" if where else key
+            row[name], row[f"{name}_stderr"] = source[key], source[f"{key}_stderr"]
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["treatment"], r["k"], r["tokens"], r["arch"]))
+
+
+def gaps(rows: list[dict]) -> list[dict]:
+    """BatchTopK − TopK per (treatment, k, tokens), each metric with the two stderrs combined in
+    quadrature (contexts are shared, so the paired error is smaller: this bound is conservative)."""
+    out = []
+    index = {(r["treatment"], r["k"], r["tokens"], r["arch"]): r for r in rows}
+    for (treatment, k, tokens, arch), btk in index.items():
+        topk = index.get((treatment, k, tokens, "topk"))
+        if arch != "batchtopk" or topk is None:
+            continue
+        gap = {"treatment": treatment, "k": k, "tokens": tokens, "epochs": btk["epochs"], "l0_batchtopk": btk["l0"]}
+        for key, where, _ in METRICS:
+            name = f"{key}_{where}" if where else key
+            gap[name] = btk[name] - topk[name]
+            gap[f"{name}_stderr"] = (btk[f"{name}_stderr"] ** 2 + topk[f"{name}_stderr"] ** 2) ** 0.5
+            gap[f"{name}_relative"] = gap[name] / topk[name]
+        out.append(gap)
+    return out
+
+
+def report(out: Path, docs: Path) -> None:
+    rows = collect(out)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "rows.json").write_text(json.dumps(rows, indent=1))
+    gap_rows = gaps(rows)
+    (docs / "gaps.json").write_text(json.dumps(gap_rows, indent=1))
+    lines = [
+        "| treatment | k | tokens | passes | arch | L0 | L0 (eq. 7 θ) | " + " | ".join(m[2] for m in METRICS) + " |"
+    ]
+    lines.append("|" + "---|" * (6 + len(METRICS)))
+    for r in rows:
+        cells = [f"{r[n]:.4g} ± {r[n + '_stderr']:.2g}" for n in (f"{k}_{w}" if w else k for k, w, _ in METRICS)]
+        eq7 = f"{r['l0_eq7']:.1f}" if r["l0_eq7"] is not None else "–"
+        lines.append(
+            f"| {r['treatment']} | {r['k']} | {r['tokens']:,} | {r['epochs']:.2f} | {r['arch']} | {r['l0']:.1f} | {eq7} | "
+            + " | ".join(cells) + " |"
+        )  # fmt: skip
+    (docs / "table.md").write_text("\n".join(lines) + "\n")
+    plot_gaps(gap_rows, docs / "gap_vs_tokens.png")
+    print(docs)
+
+
+def plot_gaps(gap_rows: list[dict], path: Path) -> None:
+    """BatchTopK − TopK against training tokens, one line per treatment, one panel per metric."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
+    for ax, (key, where, label) in zip(axes, METRICS, strict=True):
+        name = f"{key}_{where}" if where else key
+        for treatment in sorted({g["treatment"] for g in gap_rows}):
+            points = sorted(
+                (g for g in gap_rows if g["treatment"] == treatment and g["k"] == 32), key=lambda g: g["tokens"]
+            )
+            ax.errorbar(
+                [g["tokens"] / 1e6 for g in points], [g[name] for g in points], yerr=[g[name + "_stderr"] for g in points],
+                marker="o", capsize=3, label=f"({treatment}) {TREATMENTS[treatment][0]}",
+            )  # fmt: skip
+        ax.axhline(0, color="k", linewidth=0.8)
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("BatchTopK − TopK")
+        ax.set_title(label, fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle("BatchTopK − TopK at equal L0 (k = 32, m = 4,608, SmolLM2 layer 6): below 0, BatchTopK is better")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["train"])
+    parser.add_argument("stage", choices=["train", "eval", "report"])
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--docs", type=Path, default=Path("docs/study"))
     parser.add_argument("--treatments", default="dabc")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--dict-size", type=int, default=4608)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=6 * 983_040)
     parser.add_argument("--snapshots", default="983040,1966080,2949120,3932160")
+    parser.add_argument("--eval-tokens", type=int, default=16_384)
     args = parser.parse_args()
     if args.stage == "train":
         train(args.cache, args.out, list(args.treatments), args.k, args.dict_size, args.batch_size, args.tokens,
               args.snapshots)  # fmt: skip
+    elif args.stage == "eval":
+        evaluate(args.out, args.eval_tokens)
+    else:
+        report(args.out, args.docs)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,27 @@ from rich.table import Table
 
 from sae.cache.lock import unlock
 from sae.cache.store import default_cache_root, list_caches, open_cache
-from sae.cache.verify import cache_size_bytes, describe, verify
+from sae.cache.verify import describe, verify
+from sae.config import apply_storage_options, read_pipeline_toml
 from sae.errors import UserError
 from sae.progress import console, make_progress
 
 cache_app = typer.Typer(no_args_is_help=True, help="List, describe, verify and unlock activation caches.")
 
 
+CONFIG = typer.Option(None, "--config", help="pipeline.toml to read (default: ./pipeline.toml if present).")
+
+
 @cache_app.command("ls")
 def ls_command(
-    cache_dir: Path = typer.Option(None, help="Root of the caches (default: $SAE_CACHE_DIR, else ./caches)."),
+    cache_dir: str = typer.Option(
+        None, help="Root of the caches, a path or URL (default: pipeline.toml [harvest], $SAE_CACHE_DIR, ./caches)."
+    ),
+    config: Path = CONFIG,
 ):
     """What caches exist: spec, committed tokens, size."""
-    root = default_cache_root(cache_dir)
+    apply_storage_options(config)
+    root = default_cache_root(cache_dir or read_pipeline_toml(config).get("harvest", {}).get("cache_dir"))
     caches = list_caches(root)
     if not caches:
         console.print(f"no caches under {root}")
@@ -30,16 +38,19 @@ def ls_command(
         table.add_column(column, overflow="fold")
     for cache in caches:
         table.add_row(
-            cache.path.name, cache.spec["model"], cache.spec["site"], ",".join(map(str, cache.layers)),
+            cache.location.name, cache.spec["model"], cache.spec["site"], ",".join(map(str, cache.layers)),
             f"{cache.rows:,}", f"{cache.storage_dtype} {cache.meta['storage']['codec']}",
-            f"{cache_size_bytes(cache.path) / 2**20:,.1f} MiB",
+            f"{cache.location.size() / 2**20:,.1f} MiB",
         )  # fmt: skip
     console.print(table)
 
 
 @cache_app.command("info")
-def info_command(path: Path, as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout.")):
+def info_command(
+    path: str, as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."), config: Path = CONFIG
+):
     """Describe one cache (its spec, rows, arrays, statistics, versions)."""
+    apply_storage_options(config)
     description = describe(open_cache(path))
     if as_json:
         print(json.dumps(description))
@@ -49,8 +60,9 @@ def info_command(path: Path, as_json: bool = typer.Option(False, "--json", help=
 
 
 @cache_app.command("verify")
-def verify_command(path: Path):
+def verify_command(path: str, config: Path = CONFIG):
     """Re-read every committed chunk, check its checksum and values, and name the bad ones."""
+    apply_storage_options(config)
     cache = open_cache(path)
     bad = []
     with make_progress("chunks") as progress:
@@ -67,7 +79,8 @@ def verify_command(path: Path):
 
 
 @cache_app.command("unlock")
-def unlock_command(path: Path):
+def unlock_command(path: str, config: Path = CONFIG):
     """Remove the lock a killed harvest left behind (refused while its writer is alive)."""
+    apply_storage_options(config)
     unlock(path)
     console.print(f"unlocked {path}")

@@ -13,7 +13,6 @@ valid cache whose uncommitted chunk files are simply rewritten on resume.
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import zarr
 
 from sae.cache.codecs import STORAGE_DTYPES, compressors, from_storage, to_storage, zarr_dtype
-from sae.cache.lock import LOCK_NAME
+from sae.cache.location import Location, as_location
 from sae.cache.spec import cache_key
 from sae.errors import UserError
 
@@ -49,15 +48,21 @@ def acts_name(layer: int) -> str:
     return f"acts/{layer}"
 
 
-def chunk_file(cache_path: Path, array_name: str, chunk_index: int) -> Path:
+def chunk_key(array_name: str, chunk_index: int) -> str:
     """Where zarr's default v3 chunk key encoding puts chunk (chunk_index, 0) of a 2-d array."""
-    return cache_path.joinpath(array_name, "c", str(chunk_index), "0")
+    return f"{array_name}/c/{chunk_index}/0"
 
 
-def is_cache(path: Path) -> bool:
+def chunk_file(cache_path: Path, array_name: str, chunk_index: int) -> Path:
+    """chunk_key's file in a local cache."""
+    return Path(cache_path) / chunk_key(array_name, chunk_index)
+
+
+def is_cache(where: "str | Path | Location") -> bool:
+    raw = as_location(where).read("zarr.json")
     try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError):
+        attrs = json.loads(raw).get("attributes", {}) if raw is not None else {}
+    except json.JSONDecodeError:
         return False
     return attrs.get(META_KEY, {}).get("format") == FORMAT
 
@@ -66,9 +71,14 @@ def is_cache(path: Path) -> bool:
 class Cache:
     """A read-only view of the rows committed when it was opened."""
 
-    path: Path
+    location: Location
     meta: dict[str, Any]
     group: zarr.Group
+
+    @property
+    def path(self) -> str:
+        """The cache's local path or URL, as it is shown and recorded."""
+        return self.location.url
 
     @property
     def key(self) -> str:
@@ -119,13 +129,15 @@ class Cache:
         return min(self.chunk_contexts, self.n_contexts - chunk_index * self.chunk_contexts)
 
     def _read(self, array_name: str, chunk_index: int, start: int, stop: int) -> np.ndarray:
-        path = chunk_file(self.path, array_name, chunk_index)
-        if not path.exists():
-            raise UserError(f"missing chunk {path}: the cache is damaged; run `sae cache verify {self.path}`")
+        key = chunk_key(array_name, chunk_index)
+        if not self.location.exists(key):
+            raise UserError(
+                f"missing chunk {self.path}/{key}: the cache is damaged; run `sae cache verify {self.path}`"
+            )
         try:
             return self.group[array_name][start:stop]
         except ValueError as e:  # zarr reports a checksum or decode failure as ValueError
-            raise UserError(f"corrupt chunk {path}: {e}") from None
+            raise UserError(f"corrupt chunk {self.path}/{key}: {e}") from None
 
     def read_tokens(self, chunk_index: int) -> np.ndarray:
         """int32 [contexts_in_chunk, ctx_len]."""
@@ -143,21 +155,20 @@ class Cache:
         return self.meta["stats"][str(layer)]
 
 
-def open_cache(path: Path) -> Cache:
-    path = Path(path)
-    if not is_cache(path):
-        raise UserError(f"{path} is not an activation cache (no {FORMAT} metadata in {path / 'zarr.json'})")
-    group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
-    return Cache(path=path, meta=group.attrs[META_KEY], group=group)
+def open_cache(where: "str | Path | Location") -> Cache:
+    location = as_location(where)
+    if not is_cache(location):
+        raise UserError(f"{location} is not an activation cache (no {FORMAT} metadata in {location}/zarr.json)")
+    group = zarr.open_group(location.zarr_store(read_only=True), mode="r")
+    return Cache(location=location, meta=group.attrs[META_KEY], group=group)
 
 
-def list_caches(cache_root: Path) -> list[Cache]:
-    if not cache_root.is_dir():
-        return []
-    return [open_cache(p) for p in sorted(cache_root.iterdir()) if is_cache(p)]
+def list_caches(cache_root: "str | Path | Location") -> list[Cache]:
+    root = as_location(cache_root)
+    return [open_cache(root.child(name)) for name in root.children() if is_cache(root.child(name))]
 
 
-def find_caches(cache_root: Path, declared: dict[str, Any]) -> list[Cache]:
+def find_caches(cache_root: "str | Path | Location", declared: dict[str, Any]) -> list[Cache]:
     """Caches whose spec agrees with every declared field (a spec without the resolved model revision)."""
     return [c for c in list_caches(cache_root) if all(c.spec.get(k) == v for k, v in declared.items())]
 
@@ -208,8 +219,8 @@ class CacheWriter:
     """Writes chunks under the writer lock. Chunk data may be written concurrently (each chunk's files
     are its own); commits go in chunk order. `write_chunk` does both for one chunk."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = path
+    def __init__(self, location: Location, group: zarr.Group):
+        self.location = location
         self.group = group
         self.meta = group.attrs[META_KEY]
         # Stats of the full chunks before resume["chunk_index"], kept so a commit costs O(1), not a
@@ -300,24 +311,27 @@ def _spec_differences(stored: dict, wanted: dict) -> list[str]:
     return [f"{k}: cache has {stored.get(k)!r}, asked {wanted.get(k)!r}" for k in wanted if stored.get(k) != wanted[k]]
 
 
-def open_writer(path: Path, spec: dict, storage: dict, d_model: int, provenance: dict) -> CacheWriter:
-    """Create the cache at path (cache_root / cache_dir_name(spec)), or reopen it to extend.
+def open_writer(
+    where: "str | Path | Location", spec: dict, storage: dict, d_model: int, provenance: dict
+) -> CacheWriter:
+    """Create the cache at `where` (cache_root / cache_dir_name(spec)), or reopen it to extend.
 
     storage: {"codec": str, "chunk_contexts": int}; provenance: the harvest config and versions.
-    Call it holding writer_lock(path).
+    Call it holding writer_lock(where).
     """
-    if is_cache(path):
-        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+    location = as_location(where)
+    if is_cache(location):
+        group = zarr.open_group(location.zarr_store(read_only=False), mode="r+")
         meta = group.attrs[META_KEY]
         diffs = _spec_differences(meta["spec"], spec) + _spec_differences(meta["storage"], storage)
         if meta["d_model"] != d_model:
             diffs.append(f"d_model: cache has {meta['d_model']}, model has {d_model}")
         if diffs:
-            raise UserError(f"spec mismatch extending {path}: {'; '.join(diffs)}")
-        return CacheWriter(path, group)
+            raise UserError(f"spec mismatch extending {location}: {'; '.join(diffs)}")
+        return CacheWriter(location, group)
     # Mode "w" would delete the lock file; arrays left by a creation that died before the metadata was
     # written (the metadata goes last) are overwritten.
-    group = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
+    group = zarr.open_group(location.zarr_store(read_only=False), mode="a")
     chunk_contexts, ctx_len = storage["chunk_contexts"], spec["ctx_len"]
     array_config = {"write_empty_chunks": True}  # a missing chunk must mean damage, never "all zeros"
     group.create_array(
@@ -350,18 +364,10 @@ def open_writer(path: Path, spec: dict, storage: dict, d_model: int, provenance:
         "updated": now,
         **provenance,
     }
-    return CacheWriter(path, group)
+    return CacheWriter(location, group)
 
 
-def remove_cache_files(path: Path) -> None:
-    """Everything of a cache but its writer lock (call it holding the lock; the lock goes after)."""
-    for entry in path.iterdir():
-        if entry.name != LOCK_NAME:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def default_cache_root(configured: Path | None) -> Path:
-    """The configured root (pipeline.toml or --cache-dir), else $SAE_CACHE_DIR, else ./caches."""
-    if configured is not None:
-        return Path(configured)
-    return Path(os.environ.get("SAE_CACHE_DIR", "caches"))
+def default_cache_root(configured: str | Path | None) -> Location:
+    """The configured root (pipeline.toml or --cache-dir), else $SAE_CACHE_DIR, else ./caches; a
+    local directory or an object-store URL."""
+    return as_location(configured if configured is not None else os.environ.get("SAE_CACHE_DIR", "caches"))

@@ -1,16 +1,11 @@
 """Re-read every committed chunk of a cache and name the ones that are missing, corrupt or non-finite."""
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from sae.cache.store import Cache, acts_name, chunk_file
+from sae.cache.store import Cache, acts_name, chunk_key
 from sae.errors import UserError
-
-
-def cache_size_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def verify(cache: Cache) -> Iterator[tuple[int, str | None]]:
@@ -21,14 +16,14 @@ def verify(cache: Cache) -> Iterator[tuple[int, str | None]]:
         try:
             tokens = cache.read_tokens(chunk_index)
             if tokens.min() < 0 or (vocab_size is not None and tokens.max() >= vocab_size):
-                problems.append(f"token ids out of range in {chunk_file(cache.path, 'tokens', chunk_index)}")
+                problems.append(f"token ids out of range in {cache.path}/{chunk_key('tokens', chunk_index)}")
         except UserError as e:
             problems.append(str(e))
         for layer in cache.layers:
             try:
                 acts = cache.read_acts(layer, chunk_index)
                 if not torch.isfinite(acts).all():
-                    problems.append(f"non-finite values in {chunk_file(cache.path, acts_name(layer), chunk_index)}")
+                    problems.append(f"non-finite values in {cache.path}/{chunk_key(acts_name(layer), chunk_index)}")
             except UserError as e:
                 problems.append(str(e))
         yield chunk_index, "; ".join(problems) or None
@@ -37,7 +32,7 @@ def verify(cache: Cache) -> Iterator[tuple[int, str | None]]:
 def describe(cache: Cache) -> dict:
     """The machine-readable description printed by `sae cache info --json` (documented in README.md)."""
     return {
-        "path": str(cache.path),
+        "path": cache.path,
         "key": cache.key,
         "model": cache.spec["model"],
         "layers": cache.layers,
@@ -50,7 +45,7 @@ def describe(cache: Cache) -> dict:
         "arrays": {"tokens": "tokens", "acts": {str(layer): acts_name(layer) for layer in cache.layers}},
         "chunk_rows": cache.chunk_rows,
         "codec": cache.meta["storage"]["codec"],
-        "size_bytes": cache_size_bytes(cache.path),
+        "size_bytes": cache.location.size(),
         "spec": cache.spec,
         "stats": {
             layer: {k: v for k, v in stats.items() if k != "mean_D"} for layer, stats in cache.meta["stats"].items()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from sae.config import parse_count, stage_config
+from sae.config import apply_storage_options, parse_count, stage_config
 from sae.evaluate.config import EvalConfig
 
 Opt = typer.Option
@@ -31,7 +31,7 @@ def eval_command(
         None, "--batch-mode/--no-batch-mode", help="Also evaluate BatchTopK in batch mode (beside θ)."
     ),
     dense_threshold: float = Opt(None, help="Latents active on more than this fraction of tokens are dense."),
-    cache: Path = Opt(None, help="The training cache, if it moved since training."),
+    cache: str = Opt(None, help="The training cache (path or URL), if it moved since training."),
     device: str = Opt(None, help="auto, cpu, cuda, cuda:1, ..."),
     config: Path = Opt(None, help="pipeline.toml to read (default: ./pipeline.toml if present)."),
 ) -> None:
@@ -44,6 +44,7 @@ def eval_command(
         gate_first=gate_first, gate_norm=gate_norm, batch_mode=batch_mode, dense_threshold=dense_threshold, cache=cache, device=device,
     )  # fmt: skip
     cfg = stage_config(EvalConfig, "eval", config, overrides)
+    apply_storage_options(config)
     for path in evaluate_runs(runs, cfg):
         print(path)  # stdout carries only the results, so scripts can capture them
 

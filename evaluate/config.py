@@ -1,7 +1,6 @@
 """EvalConfig: what `sae eval` runs, filled from pipeline.toml [eval] and CLI flags."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from sae.config import check_positive
 from sae.errors import UserError
@@ -41,8 +40,9 @@ class EvalConfig:
     headline θ mode (the saved per-latent threshold, batch-independent)."""
     dense_threshold: float = 0.1
     """A latent active on more than this fraction of evaluation tokens counts as dense."""
-    cache: Path | None = None
-    """The training cache; None: the path recorded in the run's cfg.json. Give it if the cache moved."""
+    cache: str | None = None
+    """The training cache (a path or URL); None: the one recorded in the run's cfg.json. Give it if
+    the cache moved."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1, ..."""
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from sae.config import parse_count, parse_ints, stage_config
+from sae.config import apply_storage_options, parse_count, parse_ints, stage_config
 from sae.harvest.config import HarvestConfig
 
 Opt = typer.Option
@@ -28,7 +28,9 @@ def harvest_command(
     codec: str = Opt(None, help="Chunk compression, e.g. zstd:1, blosc-zstd:1:shuffle, none."),
     chunk_contexts: int = Opt(None, help="Contexts per stored chunk."),
     device: str = Opt(None, help="auto, cpu, cuda, cuda:1, ..."),
-    cache_dir: Path = Opt(None, help="Root of the caches (default: $SAE_CACHE_DIR, else ./caches)."),
+    cache_dir: str = Opt(
+        None, help="Root of the caches, a path or s3://bucket/prefix (default: $SAE_CACHE_DIR, else ./caches)."
+    ),
     config: Path = Opt(None, help="pipeline.toml to read (default: ./pipeline.toml if present)."),
 ) -> None:
     """Run the LM over text and write residual-stream activations to a zarr cache (resumable)."""
@@ -41,5 +43,6 @@ def harvest_command(
         codec=codec, chunk_contexts=chunk_contexts, device=device, cache_dir=cache_dir,
     )  # fmt: skip
     cfg = stage_config(HarvestConfig, "harvest", config, overrides)
+    apply_storage_options(config)
     path = harvest(cfg)
     print(path)  # stdout carries only the result, so scripts can capture it

@@ -1,7 +1,6 @@
 """HarvestConfig: what `sae harvest` runs, filled from pipeline.toml [harvest] and CLI flags."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from sae.cache.codecs import STORAGE_DTYPES, compressors
 from sae.config import check_choice, check_positive
@@ -47,8 +46,9 @@ class HarvestConfig:
     """Contexts per stored chunk (128 contexts of 128 tokens at d=768 in float16 = 24 MiB)."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1, ..."""
-    cache_dir: Path | None = None
-    """Root of all caches; None: $SAE_CACHE_DIR, else ./caches."""
+    cache_dir: str | None = None
+    """Root of all caches, a local path or an object-store URL (s3://bucket/prefix); None:
+    $SAE_CACHE_DIR, else ./caches."""
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)

@@ -7,16 +7,14 @@ write up to WRITERS chunks while the next chunk's forward passes run -> commits 
 """
 
 import collections
-import contextlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from sae.cache.codecs import STORAGE_DTYPES
-from sae.cache.lock import writer_lock
+from sae.cache.lock import LOCK_NAME, writer_lock
 from sae.cache.spec import cache_dir_name
 from sae.cache.store import (
     CacheWriter,
@@ -26,7 +24,6 @@ from sae.cache.store import (
     merge_chunk_stats,
     open_writer,
     plain_rows,
-    remove_cache_files,
 )
 from sae.config import to_jsonable
 from sae.errors import UserError
@@ -60,37 +57,39 @@ def build_spec(cfg: HarvestConfig, loaded: LoadedModel, source: DatasetSource) -
     }
 
 
-def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Path:
-    """Create or extend the cache for cfg; returns its path. `loaded`: cfg's model, already loaded
-    on cfg's device (a caller harvesting several times saves the load)."""
+def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> str:
+    """Create or extend the cache for cfg; returns its path or URL. `loaded`: cfg's model, already
+    loaded on cfg's device (a caller harvesting several times saves the load)."""
     device = resolve_device(cfg.device)
     source = DatasetSource.resolve(cfg.dataset)
     dataset = open_dataset(source, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
+    root = default_cache_root(cfg.cache_dir)
+    root.check_access()  # a missing bucket or credential fails now, not after the model has loaded
     loaded = loaded or load_model(cfg.model, cfg.model_dtype, str(device))
     check_site(cfg.site, list(cfg.layers), loaded.n_layers)
     spec = build_spec(cfg, loaded, source)
     target_contexts = cfg.tokens // cfg.ctx_len
     if target_contexts == 0:
         raise UserError(f"tokens={cfg.tokens} is less than one context of {cfg.ctx_len} tokens")
-    path = default_cache_root(cfg.cache_dir) / cache_dir_name(spec)
+    location = root.child(cache_dir_name(spec))
     provenance = {"harvest_config": to_jsonable(cfg), "versions": library_versions()}
     storage = {"codec": cfg.codec, "chunk_contexts": cfg.chunk_contexts}
-    fresh = not is_cache(path)
+    fresh = not is_cache(location)
     try:
-        with writer_lock(path):
-            writer = open_writer(path, spec, storage, loaded.d_model, provenance)
+        with writer_lock(location):
+            writer = open_writer(location, spec, storage, loaded.d_model, provenance)
             have = writer.n_contexts
             if have >= target_contexts:
                 console.print(
-                    f"{path} already holds {have * cfg.ctx_len:,} tokens (asked {cfg.tokens:,}): nothing to do"
+                    f"{location} already holds {have * cfg.ctx_len:,} tokens (asked {cfg.tokens:,}): nothing to do"
                 )
-                return path
+                return location.url
             writer.reserve(target_contexts)
             try:
                 _harvest_chunks(writer, loaded, cfg, dataset, target_contexts, device)
             finally:
                 if fresh and writer.n_contexts == 0:  # a cache with nothing committed holds nothing to keep
-                    remove_cache_files(path)
+                    location.remove_all(keep=LOCK_NAME)
             if writer.n_contexts == 0:
                 raise UserError(
                     f"dataset '{cfg.dataset}' yielded no complete context of {cfg.ctx_len} tokens: its documents "
@@ -101,10 +100,9 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> Path:
                 console.print(f"dataset exhausted: the cache holds {writer.n_contexts * cfg.ctx_len:,} tokens")
     except BaseException:
         if fresh:
-            with contextlib.suppress(OSError):  # empty now, unless another writer has taken the lock since
-                path.rmdir()
+            location.prune()  # the empty directory, unless another writer has taken the lock since
         raise
-    return path
+    return location.url
 
 
 def _harvest_chunks(writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, dataset, target: int, device) -> None:

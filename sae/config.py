@@ -16,7 +16,7 @@ from sae.errors import UserError
 
 T = TypeVar("T")
 DEFAULT_PIPELINE_TOML = Path("pipeline.toml")
-SECTIONS = ["harvest", "train", "sweep", "eval"]
+SECTIONS = ["harvest", "train", "sweep", "eval", "storage"]
 
 
 def read_pipeline_toml(path: Path | None) -> dict[str, Any]:
@@ -33,6 +33,14 @@ def read_pipeline_toml(path: Path | None) -> dict[str, Any]:
         raise UserError(f"{path}: {e}") from None
     check_keys(table, SECTIONS, str(path))
     return table
+
+
+def apply_storage_options(config_path: Path | None) -> None:
+    """pipeline.toml's [storage] table: obstore options (endpoint, region, ...) for every object-store
+    cache location opened after this; credentials stay in the environment (AWS_ACCESS_KEY_ID, ...)."""
+    from sae.cache.location import set_storage_options
+
+    set_storage_options(read_pipeline_toml(config_path).get("storage", {}))
 
 
 def stage_config(cls: type[T], section: str, config_path: Path | None, overrides: dict[str, Any]) -> T:

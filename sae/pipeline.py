@@ -4,7 +4,7 @@ import shlex
 from pathlib import Path
 
 from sae.cache.store import default_cache_root, find_caches
-from sae.config import stage_config
+from sae.config import apply_storage_options, stage_config
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 
@@ -21,7 +21,7 @@ def harvest_command_line(cfg: HarvestConfig) -> str:
     return "sae harvest " + " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags.items())
 
 
-def resolve_cache(cache: Path | None, config_path: Path | None) -> Path:
+def resolve_cache(cache: str | None, config_path: Path | None) -> str:
     """The given cache, else the largest cache matching pipeline.toml's [harvest] spec.
 
     Only the CLI calls this: the train stage itself never imports harvest.
@@ -52,6 +52,7 @@ def run_pipeline(config_path: Path | None, out: Path | None, sets: dict[str, dic
     from sae.train.trainer import run_training
 
     sets = sets or {}
+    apply_storage_options(config_path)
     cache = harvest(stage_config(HarvestConfig, "harvest", config_path, sets.get("harvest", {})))
     train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out})
     run_dirs = run_training(train_cfg, cache)

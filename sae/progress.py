@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages are never cut or broken at 80 columns
 
 
 class RateColumn(ProgressColumn):

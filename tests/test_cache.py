@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,18 +78,28 @@ def test_a_live_writer_locks_the_cache(cache_path, tiny_gpt2, sample_parquet, tm
             harvest(small_config(tiny_gpt2, sample_parquet, tmp_path, tokens=32 * 80))
         with pytest.raises(UserError, match="live writer"):
             unlock(cache_path)
-    assert not (cache_path / LOCK_NAME).exists()
+    assert not (Path(cache_path) / LOCK_NAME).exists()
 
 
-def test_a_stale_lock_is_named_not_broken(cache_path, tiny_gpt2, sample_parquet, tmp_path):
+def test_a_stale_lock_of_this_host_is_taken_over_and_one_of_another_host_is_named(
+    cache_path, tiny_gpt2, sample_parquet, tmp_path, capsys
+):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = {"pid": int(dead.stdout), "host": socket.gethostname(), "since": "earlier"}
-    (cache_path / LOCK_NAME).write_text(json.dumps(lock))
-    with pytest.raises(UserError, match=f"stale lock .*pid {lock['pid']}.*sae cache unlock"):
+    (Path(cache_path) / LOCK_NAME).write_text(json.dumps(lock))
+    harvest(small_config(tiny_gpt2, sample_parquet, tmp_path, tokens=32 * 60))
+    assert f"took over the stale lock of {cache_path}: its writer (pid {lock['pid']}, this host) is gone" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    assert open_cache(cache_path).n_contexts == 60 and not (Path(cache_path) / LOCK_NAME).exists()
+    elsewhere = {**lock, "host": "another-host"}  # its pid cannot be checked from here
+    (Path(cache_path) / LOCK_NAME).write_text(json.dumps(elsewhere))
+    with pytest.raises(UserError, match="locked by a writer on another host .*if it is gone, run `sae cache unlock"):
         harvest(small_config(tiny_gpt2, sample_parquet, tmp_path, tokens=32 * 80))
-    assert (cache_path / LOCK_NAME).exists()
+    assert json.loads((Path(cache_path) / LOCK_NAME).read_text()) == elsewhere  # named, not broken
     unlock(cache_path)
     harvest(small_config(tiny_gpt2, sample_parquet, tmp_path, tokens=32 * 80))
+    assert open_cache(cache_path).n_contexts == 80
 
 
 def test_spec_mismatch_when_extending(cache_path, tiny_gpt2, sample_parquet, tmp_path):

@@ -40,7 +40,7 @@ def test_flags_override_the_file_and_values_are_coerced(tmp_path):
     path.write_text('[harvest]\nlayers = [6, 8]\ntokens = 2e8\nmodel = "gpt2"\ncache_dir = "/data/caches"\n')
     cfg = stage_config(HarvestConfig, "harvest", path, {"model": "smollm2-135m", "site": None})
     assert cfg.model == "smollm2-135m" and cfg.layers == (6, 8) and cfg.tokens == 200_000_000
-    assert cfg.cache_dir == Path("/data/caches") and cfg.site == "resid_pre"
+    assert cfg.cache_dir == "/data/caches" and cfg.site == "resid_pre"
     assert dataclasses.replace(cfg, layers=(1,)).layers == (1,)
 
 

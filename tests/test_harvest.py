@@ -1,5 +1,7 @@
 """Harvest writes exactly what the model computes, resumes exactly, and extends exactly."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -69,7 +71,7 @@ def test_extension_equals_one_longer_run(tiny_llama, sample_parquet, tmp_path):
     harvest(small_config(tiny_llama, sample_parquet, tmp_path / "a", tokens=32 * 24))
     extended = harvest(small_config(tiny_llama, sample_parquet, tmp_path / "a"))
     whole = harvest(small_config(tiny_llama, sample_parquet, tmp_path / "b"))
-    assert extended.name == whole.name
+    assert Path(extended).name == Path(whole).name
     a, b = arrays(extended), arrays(whole)
     for name in b:
         np.testing.assert_array_equal(a[name], b[name])
@@ -77,7 +79,7 @@ def test_extension_equals_one_longer_run(tiny_llama, sample_parquet, tmp_path):
 
 
 def test_fewer_tokens_does_nothing(tiny_gpt2, sample_parquet, tmp_path, capsys):
-    path = harvest(small_config(tiny_gpt2, sample_parquet, tmp_path))
+    path = Path(harvest(small_config(tiny_gpt2, sample_parquet, tmp_path)))
     before = (path / "zarr.json").read_text()
     harvest(small_config(tiny_gpt2, sample_parquet, tmp_path, tokens=32 * 10))
     assert (path / "zarr.json").read_text() == before

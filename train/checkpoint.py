@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from sae.cache.location import as_location
 from sae.cache.store import Cache, open_cache
 from sae.errors import UserError
 from sae.train.config import SAESpec
@@ -119,7 +120,7 @@ def run_cfg(sae: SparseAutoencoder, standardized: bool, cache: Cache, layer: int
         "training_architecture": sae.spec.arch,
         "sae": sae.spec._asdict(),
         "theta": float(sae.threshold_M()[0]) if sae.spec.arch == "batchtopk" else None,
-        "cache": {"path": str(Path(cache.path).resolve()), "key": cache.key, "layer": layer, "spec": cache.spec},
+        "cache": {"path": cache.path, "key": cache.key, "layer": layer, "spec": cache.spec},
     }
 
 
@@ -143,7 +144,7 @@ class Run:
         return self.cache.spec["model"], self.cache.spec["model_dtype"]
 
 
-def read_run(run_dir: Path, cache: Path | None = None) -> Run:
+def read_run(run_dir: Path, cache: str | Path | None = None) -> Run:
     """The run's cfg.json and its training cache (`cache`: where it is now, if it moved), checked
     before any model is loaded."""
     run_dir = Path(run_dir)
@@ -153,12 +154,12 @@ def read_run(run_dir: Path, cache: Path | None = None) -> Run:
     if "cache" not in run_cfg:
         raise UserError(f"{run_dir / CFG} names no training cache: use runs written by `sae train`")
     recorded = run_cfg["cache"]
-    cache_path = Path(cache if cache is not None else recorded["path"])
-    if not cache_path.exists():
-        raise UserError(f"run {run_dir}: its training cache {cache_path} is not there; give its path with --cache")
-    cache = open_cache(cache_path)
+    location = as_location(cache if cache is not None else recorded["path"])
+    if not location.exists("zarr.json"):
+        raise UserError(f"run {run_dir}: its training cache {location} is not there; give its path with --cache")
+    cache = open_cache(location)
     if cache.key != recorded["key"]:
-        raise UserError(f"run {run_dir} was trained on cache {recorded['key']}, but {cache_path} is {cache.key}")
+        raise UserError(f"run {run_dir} was trained on cache {recorded['key']}, but {location} is {cache.key}")
     return Run(run_dir, run_cfg, cache, recorded["layer"])
 
 

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import typer
 
-from sae.config import build_config, parse_count, parse_counts, parse_ints, read_pipeline_toml, stage_config
+from sae.config import (
+    apply_storage_options,
+    build_config,
+    parse_count,
+    parse_counts,
+    parse_ints,
+    read_pipeline_toml,
+    stage_config,
+)
 from sae.errors import UserError
 from sae.pipeline import resolve_cache
 from sae.train.config import TrainConfig
@@ -31,7 +39,7 @@ def train_command(
     dict_size: str = Opt(None, help="Dictionary size(s) m, e.g. 12288."),
     l0_coeff: str = Opt(None, help="JumpReLU L0 penalty(s), e.g. 0.0018."),
     l1_coeff: str = Opt(None, help="ReLU L1 penalty(s)."),
-    cache: Path = Opt(None, help="Cache directory (default: the cache of pipeline.toml's [harvest] spec)."),
+    cache: str = Opt(None, help="Cache path or URL (default: the cache of pipeline.toml's [harvest] spec)."),
     layer: int = Opt(None, help="Cache layer to train on (default: the cache's only layer)."),
     tokens: str = Opt(None, help="Training tokens per SAE, e.g. 1e9 (default: one pass over the cache)."),
     batch_size: int = Opt(None, help="Activations per step (paper: 4096)."),
@@ -73,6 +81,7 @@ def train_command(
         device=device, precision=precision, decode=decode, compile=compile,
         log_every=log_every, checkpoint_every=checkpoint_every, out=out, wandb=wandb,
     )  # fmt: skip
+    apply_storage_options(config)
     if resume is not None:
         cfg, cache = resumed_config(resume, overrides, cache)
     else:
@@ -85,12 +94,14 @@ def train_command(
 def calibrate_command(
     run: Path = typer.Argument(..., help="A BatchTopK run directory."),
     l0: float = Opt(None, help="Target mean L0 on the held-out rows (default: the run's k)."),
-    cache: Path = Opt(None, help="The training cache, if it moved since training."),
+    cache: str = Opt(None, help="The training cache (path or URL), if it moved since training."),
     device: str = Opt("cpu", help="cpu, cuda, cuda:1, ..."),
+    config: Path = Opt(None, help="pipeline.toml whose [storage] table to use (default: ./pipeline.toml)."),
 ) -> None:
     """Choose BatchTopK's inference θ again so that its mean L0 on the run's held-out rows is --l0."""
     from sae.train.theta import calibrate_run
 
+    apply_storage_options(config)
     result = calibrate_run(run, l0, cache, device)
     print(
         f"θ = {result['theta']:.6g}: mean L0 {result['l0']:.3f} on {result['rows']:,} held-out rows (asked {result['target_l0']:g})"
@@ -106,7 +117,7 @@ def train_config(config_path: Path | None, overrides: dict) -> TrainConfig:
     return stage_config(TrainConfig, "train", config_path, overrides)
 
 
-def resumed_config(run_dir: Path, overrides: dict, cache: Path | None) -> tuple[TrainConfig, Path]:
+def resumed_config(run_dir: Path, overrides: dict, cache: str | None) -> tuple[TrainConfig, str]:
     """The saved config of run_dir's sweep, and its cache (or --cache, e.g. after moving it)."""
     cfg_path = run_dir / "cfg.json"
     if not cfg_path.exists():
@@ -116,4 +127,4 @@ def resumed_config(run_dir: Path, overrides: dict, cache: Path | None) -> tuple[
         raise UserError(f"--resume continues with the run's saved config; drop --{given[0].replace('_', '-')}")
     saved = json.loads(cfg_path.read_text())
     cfg = build_config(TrainConfig, saved["train_config"], {"out": run_dir.parent}, f"{cfg_path} train_config")
-    return cfg, cache or Path(saved["cache"]["path"])
+    return cfg, cache or saved["cache"]["path"]
