@@ -245,12 +245,17 @@ class ObjectLocation:
             return fn(self.store, *args, **kwargs)
         except (AlreadyExistsError, PreconditionError):
             raise
-        except FileNotFoundError as e:
-            if "NoSuchBucket" in str(e) or "bucket does not exist" in str(e).lower():
-                raise UserError(f"cannot access {self.url}: its bucket does not exist") from None
-            raise
         except Exception as e:  # obstore's errors carry the server's reply; its first line says why
-            raise UserError(f"cannot access {self.url}: {str(e).strip().splitlines()[0]}") from None
+            if "NoSuchBucket" in str(e):
+                raise UserError(f"cannot access {self.url}: its bucket does not exist") from None
+            if isinstance(e, FileNotFoundError):
+                raise
+            reason = str(e).strip().splitlines()[0]
+            if "169.254.169.254" in reason or "credential" in reason.lower():  # it fell back to instance metadata
+                reason = (
+                    f"no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile): {reason}"
+                )
+            raise UserError(f"cannot access {self.url}: {reason}") from None
 
 
 Location = LocalLocation | ObjectLocation
