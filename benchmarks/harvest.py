@@ -21,7 +21,19 @@ import torch
 import zarr
 
 from benchmarks.mfu import lm_forward_flops_per_token, peak_flops
-from sae.cache.codecs import STORAGE_DTYPES, compressors, to_storage, zarr_dtype
+from sae.cache.codecs import (
+    DIM_SCALED,
+    STORAGE_DTYPES,
+    StoredRows,
+    compressors,
+    decode_rows,
+    dim_scale,
+    encode_rows,
+    from_numpy,
+    is_scaled,
+    to_numpy,
+    zarr_dtype,
+)
 from sae.cache.store import open_cache, open_writer
 from sae.harvest.config import HarvestConfig
 from sae.harvest.harvest import WRITERS, harvest, resolve_device
@@ -32,6 +44,7 @@ CODECS = [
     "none", "zstd:1", "zstd:3", "zstd:9", "blosc-zstd:1:shuffle", "blosc-zstd:1:bitshuffle",
     "blosc-lz4:5:noshuffle", "blosc-lz4:5:shuffle",
 ]  # fmt: skip
+SCALED_CODECS = ["none", "zstd:1", "blosc-zstd:1:shuffle"]  # 8-bit values: shuffling has nothing to regroup
 
 
 def plain_forward_tok_per_s(loaded: LoadedModel, cfg: HarvestConfig, tokens_NT: np.ndarray, device) -> float:
@@ -52,25 +65,42 @@ def sync(device: torch.device) -> None:
 
 
 def codec_row(acts_RD: torch.Tensor, storage_dtype: str, codec: str, repeats: int = 3) -> dict:
-    """Ratio, encode and decode MB/s of one codec on one chunk, through zarr as the cache uses it."""
-    stored = to_storage(acts_RD, storage_dtype)
-    array = zarr.create_array(
-        zarr.storage.MemoryStore(), shape=stored.shape, chunks=stored.shape, dtype=zarr_dtype(storage_dtype),
-        compressors=compressors(codec), fill_value=0,
-    )  # fmt: skip
-    encode_s = min(_timed(lambda: array.__setitem__(slice(None), stored)) for _ in range(repeats))
-    decode_s = min(_timed(lambda: array[:]) for _ in range(repeats))
-    stored_bytes = sum(len(v) for v in array.store._store_dict.values()) - len(array.store._store_dict["zarr.json"])
+    """Bytes per token, encode and decode MB/s (the dtype conversion and the codec, through zarr as the
+    cache uses it) and the error against float32, of one storage dtype and codec on one chunk."""
+    s_dim = dim_scale(acts_RD) if storage_dtype in DIM_SCALED else None
+    arrays = {}
+
+    def encode() -> None:
+        stored = encode_rows(acts_RD, storage_dtype, s_dim)
+        for name, part, dtype, parts_codec in (
+            ("values", to_numpy(stored.values_RD, storage_dtype), zarr_dtype(storage_dtype), codec),
+            ("scales", None if stored.scale_R is None else stored.scale_R.numpy(), "float32", "none"),
+        ):
+            if part is not None:
+                arrays[name] = zarr.create_array(
+                    zarr.storage.MemoryStore(), shape=part.shape, chunks=part.shape, dtype=dtype,
+                    compressors=compressors(parts_codec), fill_value=0,
+                )  # fmt: skip
+                arrays[name][:] = part
+
+    def decode() -> torch.Tensor:
+        scales = torch.from_numpy(arrays["scales"][:]) if "scales" in arrays else None
+        return decode_rows(StoredRows(from_numpy(arrays["values"][:], storage_dtype), scales), s_dim).float()
+
+    encode_s = min(_timed(encode) for _ in range(repeats))
+    decode_s = min(_timed(decode) for _ in range(repeats))
+    stored_bytes = sum(len(v) for a in arrays.values() for k, v in a.store._store_dict.items() if k != "zarr.json")
     raw_mb = acts_RD.numel() * 4 / 1e6  # rates in float32-equivalent MB, so dtypes compare fairly
-    roundtrip = acts_RD.to(STORAGE_DTYPES[storage_dtype]).float()
+    roundtrip = decode()
+    row_error = (roundtrip - acts_RD).norm(dim=1) / acts_RD.norm(dim=1)
     return {
         "dtype": storage_dtype,
         "codec": codec,
         "bytes_per_token": stored_bytes / len(acts_RD),
-        "ratio_vs_dtype": stored.nbytes / stored_bytes,
         "encode_MBps": raw_mb / encode_s,
         "decode_MBps": raw_mb / decode_s,
         "rel_error": float((roundtrip - acts_RD).norm() / acts_RD.norm()),
+        "median_row_error": float(row_error.median()),
     }
 
 
@@ -78,7 +108,7 @@ def write_ceiling_rows_per_s(acts_RD: torch.Tensor, chunk_rows: int, ctx_len: in
     """Rows/s that `writers` threads write into a float16 zstd:1 cache (chunk files only, as harvest's
     writer threads do): the most a harvest can store, however fast its forward is."""
     n_chunks, n_ctx = 8, min(chunk_rows, len(acts_RD)) // ctx_len
-    chunk_RD = acts_RD[: n_ctx * ctx_len].half()
+    chunk = StoredRows(acts_RD[: n_ctx * ctx_len].half(), None)
     tokens_CT = np.ones((n_ctx, ctx_len), dtype=np.int32)
     spec = {**synthetic_spec(acts_RD.shape[1], ctx_len, 0), "dtype": "float16"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,8 +118,8 @@ def write_ceiling_rows_per_s(acts_RD: torch.Tensor, chunk_rows: int, ctx_len: in
         writer.reserve(n_chunks * len(tokens_CT))
         with ThreadPoolExecutor(writers) as pool:
             start = time.perf_counter()
-            list(pool.map(lambda i: writer.write_chunk_data(i, tokens_CT, {0: chunk_RD}), range(n_chunks)))
-            return n_chunks * len(chunk_RD) / (time.perf_counter() - start)
+            list(pool.map(lambda i: writer.write_chunk_data(i, tokens_CT, {0: chunk}), range(n_chunks)))
+            return n_chunks * len(chunk.values_RD) / (time.perf_counter() - start)
 
 
 def _timed(fn) -> float:
@@ -129,7 +159,11 @@ def measure(
     harvest_flops = lm_forward_flops_per_token(sum(n_params[:layer]), 0, layer, d, T)  # resid_pre: blocks < L
     plain_flops = lm_forward_flops_per_token(sum(n_params), head, loaded.n_layers, d, T)
     peak, peak_source = peak_flops(device, "fp32" if model_dtype == "float32" else "bf16")
-    codec_rows = [codec_row(acts_RD[:chunk_rows], dtype, codec) for dtype in STORAGE_DTYPES for codec in CODECS]
+    codec_rows = [
+        codec_row(acts_RD[:chunk_rows], dtype, codec)
+        for dtype in STORAGE_DTYPES
+        for codec in (SCALED_CODECS if is_scaled(dtype) else CODECS)
+    ]
     write_ceiling = {n: write_ceiling_rows_per_s(acts_RD, chunk_rows, cfg.ctx_len, n) for n in (1, WRITERS)}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -160,11 +194,14 @@ def report(r: dict) -> None:
         f"{r['writers']} (harvest's), float16 zstd:1"
     )
     print("\ncodecs on one chunk of real rows; MB/s in float32-equivalent MB")
-    print(f"{'dtype':9} {'codec':24} {'B/token':>8} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9} {'rel err':>9}")
+    float16 = next(c["bytes_per_token"] for c in r["codecs"] if (c["dtype"], c["codec"]) == ("float16", "none"))
+    print(
+        f"{'dtype':11} {'codec':24} {'B/token':>8} {'vs fp16':>7} {'enc MB/s':>9} {'dec MB/s':>9} {'rel err':>9} {'row err':>8}"
+    )
     for c in r["codecs"]:
         print(
-            f"{c['dtype']:9} {c['codec']:24} {c['bytes_per_token']:8.0f} {c['ratio_vs_dtype']:6.3f} "
-            f"{c['encode_MBps']:9.0f} {c['decode_MBps']:9.0f} {c['rel_error']:9.2e}"
+            f"{c['dtype']:11} {c['codec']:24} {c['bytes_per_token']:8.0f} {float16 / c['bytes_per_token']:7.3f} "
+            f"{c['encode_MBps']:9.0f} {c['decode_MBps']:9.0f} {c['rel_error']:9.2e} {c['median_row_error']:8.2e}"
         )
 
 

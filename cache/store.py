@@ -22,7 +22,18 @@ import numpy as np
 import torch
 import zarr
 
-from sae.cache.codecs import STORAGE_DTYPES, compressors, from_storage, to_storage, zarr_dtype
+from sae.cache.codecs import (
+    DIM_SCALED,
+    StoredRows,
+    compressors,
+    decode_rows,
+    dim_scale,
+    encode_rows,
+    from_numpy,
+    is_scaled,
+    to_numpy,
+    zarr_dtype,
+)
 from sae.cache.location import Location, as_location
 from sae.cache.spec import cache_key
 from sae.errors import UserError
@@ -48,9 +59,15 @@ def acts_name(layer: int) -> str:
     return f"acts/{layer}"
 
 
+def scales_name(layer: int) -> str:
+    """The per-row scales of a scaled storage dtype (int8, float8_e4m3): float32 [rows]."""
+    return f"scales/{layer}"
+
+
 def chunk_key(array_name: str, chunk_index: int) -> str:
-    """Where zarr's default v3 chunk key encoding puts chunk (chunk_index, 0) of a 2-d array."""
-    return f"{array_name}/c/{chunk_index}/0"
+    """Where zarr's default v3 chunk key encoding puts chunk (chunk_index, 0) of a 2-d array, or
+    chunk chunk_index of the 1-d scales arrays."""
+    return f"{array_name}/c/{chunk_index}" + ("" if array_name.startswith("scales/") else "/0")
 
 
 def chunk_file(cache_path: Path, array_name: str, chunk_index: int) -> Path:
@@ -144,11 +161,25 @@ class Cache:
         start = chunk_index * self.chunk_contexts
         return self._read("tokens", chunk_index, start, start + self.contexts_in_chunk(chunk_index))
 
-    def read_acts(self, layer: int, chunk_index: int) -> torch.Tensor:
-        """[rows_in_chunk, d_model] CPU tensor in the storage dtype; row r is context r // ctx_len."""
+    def read_stored(self, layer: int, chunk_index: int) -> StoredRows:
+        """A chunk's rows as stored (CPU): decode_rows(..., self.dim_scale(layer)) makes them floats."""
         start = chunk_index * self.chunk_rows
         stop = start + self.contexts_in_chunk(chunk_index) * self.ctx_len
-        return from_storage(self._read(acts_name(layer), chunk_index, start, stop), self.storage_dtype)
+        values = from_numpy(self._read(acts_name(layer), chunk_index, start, stop), self.storage_dtype)
+        scales = None
+        if is_scaled(self.storage_dtype):
+            scales = torch.from_numpy(self._read(scales_name(layer), chunk_index, start, stop))
+        return StoredRows(values, scales)
+
+    def read_acts(self, layer: int, chunk_index: int) -> torch.Tensor:
+        """[rows_in_chunk, d_model] CPU float tensor (float16/bfloat16/float32 as stored; float32 for
+        the scaled dtypes); row r is context r // ctx_len."""
+        return decode_rows(self.read_stored(layer, chunk_index), self.dim_scale(layer))
+
+    def dim_scale(self, layer: int) -> torch.Tensor | None:
+        """int8's per-dimension scale s_dim [d] (cache.codecs); None for the other dtypes."""
+        scale = self.meta["storage"].get("dim_scale", {}).get(str(layer))
+        return None if scale is None else torch.tensor(scale, dtype=torch.float32)
 
     def stats(self, layer: int) -> dict[str, Any]:
         """mean_D, mean_norm, mean_sq_norm, max_norm, count, and the same over plain rows (no BOS/first)."""
@@ -249,32 +280,54 @@ class CacheWriter:
         self.group["tokens"].resize((n_contexts, ctx_len))
         for layer in self.meta["spec"]["layers"]:
             self.group[acts_name(layer)].resize((n_contexts * ctx_len, self.meta["d_model"]))
+            if is_scaled(self.meta["spec"]["dtype"]):
+                self.group[scales_name(layer)].resize((n_contexts * ctx_len,))
             stats = self.group[f"chunk_stats/{layer}"]
             stats.resize((n_chunks, stats.shape[1]))
+
+    def dim_scales(self) -> dict[int, torch.Tensor] | None:
+        """s_dim per layer where the storage dtype needs one (int8), once set; else None."""
+        if self.meta["spec"]["dtype"] not in DIM_SCALED:
+            return None
+        scales = self.meta["storage"].get("dim_scale")
+        return None if scales is None else {int(k): torch.tensor(v, dtype=torch.float32) for k, v in scales.items()}
+
+    def set_dim_scales(self, scales: dict[int, torch.Tensor]) -> None:
+        """Fix s_dim before the first chunk is written; every later chunk and resume uses it."""
+        meta = dict(self.meta)
+        meta["storage"] = {**meta["storage"], "dim_scale": {str(k): v.tolist() for k, v in scales.items()}}
+        self.group.attrs[META_KEY] = meta
+        self.meta = meta
 
     def write_chunk(
         self, chunk_index: int, tokens_CT: np.ndarray, acts: dict[int, torch.Tensor], stream_after: dict
     ) -> None:
-        """Write chunk `chunk_index` (tokens and every layer's [C*T, D] CPU acts), then commit it."""
-        dtype = STORAGE_DTYPES[self.meta["spec"]["dtype"]]
-        acts = {layer: acts_RD.to(dtype) for layer, acts_RD in acts.items()}
+        """Write chunk `chunk_index` (tokens and every layer's [C*T, D] CPU float acts), then commit it."""
+        storage_dtype = self.meta["spec"]["dtype"]
+        if storage_dtype in DIM_SCALED and self.dim_scales() is None:
+            self.set_dim_scales({layer: dim_scale(acts_RD) for layer, acts_RD in acts.items()})
+        scales = self.dim_scales() or {}
+        stored = {layer: encode_rows(acts_RD, storage_dtype, scales.get(layer)) for layer, acts_RD in acts.items()}
         plain_R = plain_rows(torch.from_numpy(tokens_CT), self.meta["spec"]["bos_token_id"])
-        stats = {layer: chunk_stats(acts_RD, plain_R).numpy() for layer, acts_RD in acts.items()}
-        self.write_chunk_data(chunk_index, tokens_CT, acts)
+        stats = {
+            layer: chunk_stats(decode_rows(rows, scales.get(layer)), plain_R).numpy() for layer, rows in stored.items()
+        }
+        self.write_chunk_data(chunk_index, tokens_CT, stored)
         self.commit_chunk(chunk_index, len(tokens_CT), stats, stream_after)
 
-    def write_chunk_data(self, chunk_index: int, tokens_CT: np.ndarray, acts: dict[int, torch.Tensor]) -> None:
-        """Write chunk `chunk_index`'s files (tokens; every layer's [C*T, D] CPU acts in the storage
-        dtype) without committing them. Safe to run for different chunks at once."""
+    def write_chunk_data(self, chunk_index: int, tokens_CT: np.ndarray, stored: dict[int, StoredRows]) -> None:
+        """Write chunk `chunk_index`'s files (tokens; every layer's [C*T, D] CPU rows as stored) without
+        committing them. Safe to run for different chunks at once."""
         chunk_contexts, ctx_len = self.meta["storage"]["chunk_contexts"], self.meta["spec"]["ctx_len"]
         n_ctx = len(tokens_CT)
         assert 0 < n_ctx <= chunk_contexts, f"{n_ctx} contexts do not fit a chunk of {chunk_contexts}"
         ctx0, row0 = chunk_index * chunk_contexts, chunk_index * chunk_contexts * ctx_len
+        rows = slice(row0, row0 + n_ctx * ctx_len)
         self.group["tokens"][ctx0 : ctx0 + n_ctx] = tokens_CT
-        for layer, acts_RD in acts.items():
-            self.group[acts_name(layer)][row0 : row0 + n_ctx * ctx_len] = to_storage(
-                acts_RD, self.meta["spec"]["dtype"]
-            )
+        for layer, (values_RD, scale_R) in stored.items():
+            self.group[acts_name(layer)][rows] = to_numpy(values_RD, self.meta["spec"]["dtype"])
+            if scale_R is not None:
+                self.group[scales_name(layer)][rows] = scale_R.numpy()
 
     def commit_chunk(self, chunk_index: int, n_ctx: int, stats: dict[int, np.ndarray], stream_after: dict) -> None:
         """Commit chunk `chunk_index` (its files written, `stats` its chunk_stats row per layer): the
@@ -344,6 +397,11 @@ def open_writer(
             dtype=zarr_dtype(spec["dtype"]), compressors=compressors(storage["codec"]), fill_value=0,
             config=array_config, overwrite=True,
         )  # fmt: skip
+        if is_scaled(spec["dtype"]):
+            group.create_array(
+                scales_name(layer), shape=(0,), chunks=(chunk_contexts * ctx_len,), dtype="float32",
+                compressors=compressors("none"), fill_value=0, config=array_config, overwrite=True,
+            )  # fmt: skip
         group.create_array(
             f"chunk_stats/{layer}", shape=(0, len(STAT_COLUMNS) + d_model), chunks=(1, len(STAT_COLUMNS) + d_model),
             dtype="float64", compressors=compressors("none"), fill_value=0, config=array_config, overwrite=True,

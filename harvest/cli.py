@@ -24,7 +24,7 @@ def harvest_command(
     tokens: str = Opt(None, help="Target tokens in the cache, e.g. 2e8; more than cached extends it."),
     batch_contexts: int = Opt(None, help="Contexts per forward pass."),
     model_dtype: str = Opt(None, help="float32, bfloat16 or float16 compute."),
-    dtype: str = Opt(None, help="Storage dtype: float16, bfloat16 or float32."),
+    dtype: str = Opt(None, help="Storage dtype: float16, bfloat16, float32, int8 or float8_e4m3 (scaled)."),
     codec: str = Opt(None, help="Chunk compression, e.g. zstd:1, blosc-zstd:1:shuffle, none."),
     chunk_contexts: int = Opt(None, help="Contexts per stored chunk."),
     device: str = Opt(None, help="auto, cpu, cuda, cuda:1, ..."),

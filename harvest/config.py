@@ -39,7 +39,8 @@ class HarvestConfig:
     model_dtype: str = "float32"
     """Precision the model runs in: float32, bfloat16 or float16 (bfloat16 is the fast choice on GPUs)."""
     dtype: str = "float16"
-    """Storage dtype of the activations: float16, bfloat16 or float32."""
+    """Storage dtype of the activations: float16, bfloat16, float32, or the scaled int8 and float8_e4m3
+    (about half float16's bytes; their cost in SAE quality: docs/results.md)."""
     codec: str = "zstd:1"
     """Compression of activation chunks (see benchmarks/harvest.py for the measurement behind the default)."""
     chunk_contexts: int = 128

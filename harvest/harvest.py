@@ -4,16 +4,18 @@ Per chunk: contexts from the token stream -> forward passes that stop after the 
 activations converted to the storage dtype and summed into the chunk's statistics on the model's
 device, then copied (pinned, non-blocking on CUDA) into a host buffer -> writer threads compress and
 write up to WRITERS chunks while the next chunk's forward passes run -> commits in chunk order.
+Under torchrun, the ranks take turns over the chunks (harvest.ranks).
 """
 
 import collections
+import contextlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from sae.cache.codecs import STORAGE_DTYPES
+from sae.cache.codecs import DIM_SCALED, DTYPES, StoredRows, decode_rows, dim_scale, encode_rows, is_scaled
 from sae.cache.lock import LOCK_NAME, writer_lock
 from sae.cache.spec import cache_dir_name
 from sae.cache.store import (
@@ -30,6 +32,7 @@ from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.harvest.hooks import capture
 from sae.harvest.model import LoadedModel, check_site, load_model
+from sae.harvest.ranks import Ranks
 from sae.harvest.text import DatasetSource, iter_contexts, iter_documents, iter_token_docs, open_dataset
 from sae.progress import console, make_progress
 from sae.versions import library_versions
@@ -59,8 +62,10 @@ def build_spec(cfg: HarvestConfig, loaded: LoadedModel, source: DatasetSource) -
 
 def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> str:
     """Create or extend the cache for cfg; returns its path or URL. `loaded`: cfg's model, already
-    loaded on cfg's device (a caller harvesting several times saves the load)."""
-    device = resolve_device(cfg.device)
+    loaded on cfg's device (a caller harvesting several times saves the load). Under torchrun every
+    rank runs this, and together they write what one process would (harvest.ranks)."""
+    ranks = Ranks()
+    device = ranks.device(resolve_device(cfg.device))
     source = DatasetSource.resolve(cfg.dataset)
     dataset = open_dataset(source, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
     root = default_cache_root(cfg.cache_dir)
@@ -74,28 +79,35 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> str:
     location = root.child(cache_dir_name(spec))
     provenance = {"harvest_config": to_jsonable(cfg), "versions": library_versions()}
     storage = {"codec": cfg.codec, "chunk_contexts": cfg.chunk_contexts}
-    fresh = not is_cache(location)
+    leader = ranks.rank == 0
+    fresh = leader and not is_cache(location)
     try:
-        with writer_lock(location):
-            writer = open_writer(location, spec, storage, loaded.d_model, provenance)
-            have = writer.n_contexts
-            if have >= target_contexts:
-                console.print(
-                    f"{location} already holds {have * cfg.ctx_len:,} tokens (asked {cfg.tokens:,}): nothing to do"
-                )
+        with writer_lock(location) if leader else contextlib.nullcontext():
+            if leader:
+                writer = open_writer(location, spec, storage, loaded.d_model, provenance)
+                if writer.n_contexts < target_contexts:
+                    writer.reserve(target_contexts)
+            ranks.barrier()  # the arrays exist at their size: the other ranks may open them
+            if not leader:
+                writer = open_writer(location, spec, storage, loaded.d_model, provenance)
+            if writer.n_contexts >= target_contexts:
+                if leader:
+                    console.print(
+                        f"{location} already holds {writer.n_contexts * cfg.ctx_len:,} tokens (asked "
+                        f"{cfg.tokens:,}): nothing to do"
+                    )
                 return location.url
-            writer.reserve(target_contexts)
             try:
-                _harvest_chunks(writer, loaded, cfg, dataset, target_contexts, device)
+                _harvest_chunks(writer, loaded, cfg, dataset, target_contexts, device, ranks)
             finally:
                 if fresh and writer.n_contexts == 0:  # a cache with nothing committed holds nothing to keep
                     location.remove_all(keep=LOCK_NAME)
-            if writer.n_contexts == 0:
+            if leader and writer.n_contexts == 0:
                 raise UserError(
                     f"dataset '{cfg.dataset}' yielded no complete context of {cfg.ctx_len} tokens: its documents "
                     "are empty or together shorter than one context"
                 )
-            if writer.n_contexts < target_contexts:
+            if leader and writer.n_contexts < target_contexts:
                 writer.reserve(writer.n_contexts)
                 console.print(f"dataset exhausted: the cache holds {writer.n_contexts * cfg.ctx_len:,} tokens")
     except BaseException:
@@ -105,66 +117,114 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> str:
     return location.url
 
 
-def _harvest_chunks(writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, dataset, target: int, device) -> None:
-    ctx_len, chunk_contexts = cfg.ctx_len, cfg.chunk_contexts
+def _harvest_chunks(
+    writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, dataset, target: int, device, ranks: Ranks
+) -> None:
+    """Rounds of ranks.world chunks, each rank forwarding and writing one chunk of every round; rank 0
+    commits the written chunks in order after each round."""
+    ctx_len, chunk_contexts, rank = cfg.ctx_len, cfg.chunk_contexts, ranks.rank
     first_chunk, position = writer.resume["chunk_index"], writer.resume["stream"]
     documents = iter_documents(dataset, cfg.text_column, cfg.seed, start_doc=position["doc"])
     token_docs = iter_token_docs(documents, loaded.tokenizer, loaded.bos_token_id, first_doc=position["doc"])
     contexts = iter_contexts(token_docs, ctx_len, cfg.packing, loaded.bos_token_id, position)
     pin = device.type == "cuda"
-    storage_dtype = STORAGE_DTYPES[cfg.dtype]
+    values_dtype, scaled = DTYPES[cfg.dtype][0], is_scaled(cfg.dtype)
     # One host buffer per chunk in flight: the forward passes fill one while up to WRITERS threads
-    # compress and write the ones before it. Commits stay in chunk order, in this thread.
+    # compress and write the ones before it.
     buffers = [
         {
-            layer: torch.empty(chunk_contexts * ctx_len, loaded.d_model, dtype=storage_dtype, pin_memory=pin)
+            layer: StoredRows(
+                torch.empty(chunk_contexts * ctx_len, loaded.d_model, dtype=values_dtype, pin_memory=pin),
+                torch.empty(chunk_contexts * ctx_len, pin_memory=pin) if scaled else None,
+            )
             for layer in cfg.layers
         }
         for _ in range(WRITERS + 1)
     ]
-    in_flight: collections.deque = collections.deque()  # (future of the data write, commit arguments)
+    dim_scales = writer.dim_scales()
+    if cfg.dtype in DIM_SCALED and dim_scales is None:  # the cache's first batch fixes s_dim, on rank 0
+        first = list(itertools.islice(contexts, cfg.batch_contexts))
+        contexts = itertools.chain(first, contexts)
+        if rank == 0:
+            ids_BT = torch.from_numpy(np.stack([context for context, _ in first])).to(device).long()
+            acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
+            dim_scales = {layer: dim_scale(acts_BTD.flatten(0, 1)).cpu() for layer, acts_BTD in acts.items()}
+            writer.set_dim_scales(dim_scales)
+        dim_scales = ranks.from_rank0(dim_scales)
+    dim_scales = {layer: scale.to(device) for layer, scale in (dim_scales or {}).items()}
+    in_flight: collections.deque = collections.deque()  # this rank's (future of a chunk write, its report)
+    written: dict[int, tuple] = {}  # rank 0: commit arguments of chunks written but not yet committed
 
-    def commit_oldest() -> None:
-        future, commit_args = in_flight.popleft()
-        future.result()  # surfaces the write's errors
-        writer.commit_chunk(*commit_args)
+    def exchange(wait_all: bool) -> None:
+        """Every rank reports the chunks it has finished writing; rank 0 commits the ready prefix."""
+        done = []
+        while in_flight and (wait_all or len(in_flight) > WRITERS or in_flight[0][0].done()):
+            future, report = in_flight.popleft()
+            future.result()  # surfaces the write's errors
+            done.append(report)
+        everyone = ranks.gather(done)
+        if rank != 0:
+            return
+        for reports in everyone:
+            written.update((report[0], report) for report in reports)
+        while writer.resume["chunk_index"] in written:
+            writer.commit_chunk(*written.pop(writer.resume["chunk_index"]))
+            progress.update(task, completed=writer.n_contexts * ctx_len)
+        assert not (wait_all and written), f"chunks {sorted(written)} written but not next to commit"
 
-    n_chunks = -(-target // chunk_contexts)
-    with ThreadPoolExecutor(max_workers=WRITERS) as pool, make_progress("tok") as progress:
-        done = first_chunk * chunk_contexts * ctx_len
-        task = progress.add_task("harvest", total=target * ctx_len, completed=done, status="")
-        for chunk_index in range(first_chunk, n_chunks):
-            wanted = min(chunk_contexts, target - chunk_index * chunk_contexts)
-            batch = list(itertools.islice(contexts, wanted))
-            if not batch:
+    n_chunks, n_mine = -(-target // chunk_contexts), 0
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool, make_progress("tok", quiet=rank != 0) as progress:
+        task = progress.add_task(
+            "harvest", total=target * ctx_len, completed=first_chunk * chunk_contexts * ctx_len, status=""
+        )
+        for round_start in range(first_chunk, n_chunks, ranks.world):
+            mine, exhausted = None, False
+            for chunk_index in range(round_start, min(round_start + ranks.world, n_chunks)):
+                wanted = min(chunk_contexts, target - chunk_index * chunk_contexts)
+                batch = list(itertools.islice(contexts, wanted))  # every rank reads the whole stream
+                if chunk_index - round_start == rank and batch:
+                    mine = (chunk_index, batch)
+                if len(batch) < wanted:
+                    exhausted = True
+                    break
+            if mine is not None:
+                future, report = _write_chunk(
+                    writer, loaded, cfg, *mine, buffers[n_mine % len(buffers)], dim_scales, device, pool
+                )
+                in_flight.append((future, report))
+                n_mine += 1
+            exchange(wait_all=False)
+            if exhausted:
                 break
-            tokens_CT = np.stack([context for context, _ in batch])
-            buffer = buffers[chunk_index % len(buffers)]  # its last chunk is committed: see the end of the loop
-            batch_stats = {layer: [] for layer in cfg.layers}
-            for b0 in range(0, len(batch), cfg.batch_contexts):
-                ids_BT = torch.from_numpy(tokens_CT[b0 : b0 + cfg.batch_contexts]).to(device, non_blocking=pin).long()
-                plain_R = plain_rows(ids_BT, loaded.bos_token_id)
-                acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
-                rows = slice(b0 * ctx_len, (b0 + len(ids_BT)) * ctx_len)
-                for layer, acts_BTD in acts.items():
-                    # Conversion and statistics on the model's device: the host only compresses.
-                    stored_RD = acts_BTD.reshape(-1, loaded.d_model).to(storage_dtype)
-                    batch_stats[layer].append(chunk_stats(stored_RD, plain_R))
-                    buffer[layer][rows].copy_(stored_RD, non_blocking=pin)
-                progress.advance(task, ids_BT.numel())
-            stats = {
-                layer: merge_chunk_stats(torch.stack(per_batch)).cpu().numpy()
-                for layer, per_batch in batch_stats.items()
-            }
-            if pin:
-                torch.cuda.current_stream(device).synchronize()  # the copies must land before a writer reads
-            n_rows = len(batch) * ctx_len
-            chunk = {layer: buffer[layer][:n_rows] for layer in cfg.layers}
-            future = pool.submit(writer.write_chunk_data, chunk_index, tokens_CT, chunk)
-            in_flight.append((future, (chunk_index, len(batch), stats, batch[-1][1])))
-            while len(in_flight) > WRITERS or (in_flight and in_flight[0][0].done()):
-                commit_oldest()
-            if len(batch) < wanted:
-                break
-        while in_flight:
-            commit_oldest()
+        exchange(wait_all=True)
+
+
+def _write_chunk(
+    writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, chunk_index: int, batch: list, buffer: dict,
+    dim_scales: dict, device, pool: ThreadPoolExecutor,
+) -> tuple:  # fmt: skip
+    """Forward passes over one chunk's contexts, conversion to the storage dtype and the chunk's
+    statistics on the model's device, a copy into `buffer`; then its write is submitted to `pool`.
+    Returns (the write's future, the chunk's commit arguments)."""
+    ctx_len, pin = cfg.ctx_len, device.type == "cuda"
+    tokens_CT = np.stack([context for context, _ in batch])
+    batch_stats = {layer: [] for layer in cfg.layers}
+    for b0 in range(0, len(batch), cfg.batch_contexts):
+        ids_BT = torch.from_numpy(tokens_CT[b0 : b0 + cfg.batch_contexts]).to(device, non_blocking=pin).long()
+        plain_R = plain_rows(ids_BT, loaded.bos_token_id)
+        acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
+        rows = slice(b0 * ctx_len, (b0 + len(ids_BT)) * ctx_len)
+        for layer, acts_BTD in acts.items():
+            # Conversion and statistics on the model's device: the host only compresses.
+            stored = encode_rows(acts_BTD.flatten(0, 1), cfg.dtype, dim_scales.get(layer))
+            batch_stats[layer].append(chunk_stats(decode_rows(stored, dim_scales.get(layer)), plain_R))
+            for host, part in zip(buffer[layer], stored, strict=True):
+                if part is not None:
+                    host[rows].copy_(part, non_blocking=pin)
+    stats = {layer: merge_chunk_stats(torch.stack(per_batch)).cpu().numpy() for layer, per_batch in batch_stats.items()}
+    if pin:
+        torch.cuda.current_stream(device).synchronize()  # the copies must land before a writer reads
+    n_rows = len(batch) * ctx_len
+    chunk = {layer: StoredRows(*(p[:n_rows] if p is not None else None for p in buffer[layer])) for layer in cfg.layers}
+    future = pool.submit(writer.write_chunk_data, chunk_index, tokens_CT, chunk)
+    return future, (chunk_index, len(batch), stats, batch[-1][1])

@@ -51,3 +51,80 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
     assert (runs / "ranks_equal").read_text() == "True"
     cfg = json.loads((runs / "batchtopk_k4_m64" / "cfg.json").read_text())
     assert cfg["tokens"] == cfg["step"] * 64 * 2 == 8 * 256  # two ranks' shares cover the cache once
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_harvest(model, data, cache_dir, contexts: int, *flags: str) -> subprocess.Popen:
+    """`torchrun --nproc_per_node 2 -m sae harvest ...` on gloo, as a user types it."""
+    args = [
+        "--model", str(model), "--dataset", str(data), "--layer", "1", "--ctx-len", "32", "--tokens", str(32 * contexts),
+        "--batch-contexts", "2", "--chunk-contexts", "4", "--device", "cpu", "--cache-dir", str(cache_dir), *flags,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "sae", "harvest", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def same_cache(a: str, b: str) -> None:
+    """Equal tokens, stored rows (scales included), statistics and metadata but for times and the cache_dir asked."""
+    import numpy as np
+
+    from sae.cache.store import open_cache
+
+    ca, cb = open_cache(a), open_cache(b)
+    for name in ("tokens", "acts/1", "chunk_stats/1", *(["scales/1"] if "scales" in cb.group else [])):
+        np.testing.assert_array_equal(ca.group[name][:], cb.group[name][:])
+    meta_a, meta_b = dict(ca.meta), dict(cb.meta)
+    for meta in (meta_a, meta_b):
+        for volatile in ("created", "updated", "harvest_config"):
+            meta.pop(volatile)
+    assert meta_a == meta_b
+
+
+@pytest.mark.slow
+def test_torchrun_harvest_writes_the_bytes_of_one_process(tiny_llama, sample_parquet, tmp_path):
+    from sae.harvest.harvest import harvest
+    from tests.test_harvest import small_config
+
+    done = torchrun_harvest(tiny_llama, sample_parquet, tmp_path / "two", 48, "--dtype", "int8")
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-3000:]
+    (two,) = out.split()[:1]  # each rank prints the cache's path; rank 0 first or not, they agree
+    assert set(out.split()) == {two}
+    one = harvest(small_config(tiny_llama, sample_parquet, tmp_path / "one", tokens=32 * 48, batch_contexts=2,
+                               chunk_contexts=4, dtype="int8"))  # fmt: skip
+    same_cache(two, one)
+
+
+@pytest.mark.slow
+def test_torchrun_harvest_killed_resumes_to_the_same_bytes(tiny_llama, sample_parquet, tmp_path):
+    import signal
+    import time
+
+    from sae.harvest.harvest import harvest
+    from tests.test_harvest import small_config
+    from tests.test_kill_resume import committed_contexts
+
+    run = torchrun_harvest(tiny_llama, sample_parquet, tmp_path / "two", 1000)
+    deadline = time.monotonic() + 240
+    while committed_contexts(tmp_path / "two") < 40 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(run.pid), "sae harvest"], capture_output=True, text=True)
+    os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)  # one rank dies; torchrun stops the other
+    run.communicate(timeout=120)
+    assert run.returncode != 0 and 40 <= committed_contexts(tmp_path / "two") < 1000, "the kill must land mid-way"
+    again = torchrun_harvest(tiny_llama, sample_parquet, tmp_path / "two", 1000)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    one = harvest(small_config(tiny_llama, sample_parquet, tmp_path / "one", tokens=32 * 1000, batch_contexts=2,
+                               chunk_contexts=4))  # fmt: skip
+    same_cache(out.split()[0], one)

@@ -253,7 +253,7 @@ def test_theta_and_batch_mode_for_batchtopk(cache_path, tmp_path):
 def test_standardising_sae_output_is_mapped_back(cache_path, tmp_path):
     run = save_sae(tmp_path / "ln", identity_sae(), cache_path, standardized=True)
     sae = load_sae(run)
-    assert sae.input_norm == "layer_norm"
+    assert sae.input_mode == "standardize"
     x = torch.randn(5, D) * 3 + 1
     recon, _ = reconstruct(sae, x)
     torch.testing.assert_close(recon, x, rtol=1e-4, atol=1e-4)  # the std's epsilon: 1e-5 relative

@@ -164,7 +164,7 @@ def read_run(run_dir: Path, cache: str | Path | None = None) -> Run:
 
 
 def load_sae(run_dir: Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """A saved SAE (raw-activation weights); `sae.input_norm` is "none" or "layer_norm"."""
+    """A saved SAE (raw-activation weights, its gate and input_mode set)."""
     run_dir = Path(run_dir)
     if not (run_dir / CFG).exists() or not (run_dir / WEIGHTS).exists():
         raise UserError(f"{run_dir} is not a run directory (no {CFG} and {WEIGHTS})")
@@ -179,7 +179,7 @@ def load_sae(run_dir: Path, device: str | torch.device = "cpu") -> SparseAutoenc
         elif sae.spec.arch == "batchtopk":
             sae.theta.fill_(float(tensors["threshold"][0]))
     sae.gate = Gate.from_record(cfg["metadata"].get("gate"))
-    sae.input_norm = cfg["normalize_activations"]
+    sae.input_mode = "standardize" if cfg["normalize_activations"] == "layer_norm" else "none"
     return sae.eval()
 
 
@@ -208,8 +208,7 @@ def reconstruct_rows(
             recon_ND, latents_NM = reconstruct_rows(sae, x_BD[encode_B], None, batch_mode, theta)
             recon_BD[encode_B], latents_BM[encode_B] = recon_ND, latents_NM.float()
         return recon_BD, latents_BM
-    mode = "standardize" if getattr(sae, "input_norm", "none") == "layer_norm" else "none"
-    x_n, mult, shift = normalize_input(x_BD, mode)
+    x_n, mult, shift = normalize_input(x_BD, sae.input_mode)
     latents_BM = sae.encode(x_n, batch_mode, theta)
     return (sae.decode(latents_BM) * mult + shift).float(), latents_BM
 

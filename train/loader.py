@@ -15,15 +15,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from sae.cache.codecs import StoredRows, decode_rows
 from sae.cache.store import Cache
 from sae.errors import UserError
 from sae.train.gate import Gate, chunk_rows
 
 
-def read_rows(cache: Cache, layer: int, chunk: int, gate: Gate) -> torch.Tensor:
-    """A chunk's ungated rows [R', d] in the storage dtype."""
-    acts_RD = cache.read_acts(layer, chunk)
-    return acts_RD if gate.empty else acts_RD[~gate.gated(acts_RD, *chunk_rows(cache, chunk))]
+def read_rows(cache: Cache, layer: int, chunk: int, gate: Gate, decode: bool = True) -> StoredRows:
+    """A chunk's ungated rows [R', d]: decoded to floats (float16 as stored, int8 to float32), or as
+    stored (int8 and its scales: half the bytes of float16 to move to a GPU, decoded there)."""
+    stored = cache.read_stored(layer, chunk)
+    acts_RD = decode_rows(stored, cache.dim_scale(layer)) if decode or not gate.empty else None
+    if not gate.empty:
+        kept_R = ~gate.gated(acts_RD, *chunk_rows(cache, chunk))
+        acts_RD, stored = acts_RD[kept_R], StoredRows(*(part[kept_R] if part is not None else None for part in stored))
+    return StoredRows(acts_RD, None) if decode else stored
 
 
 class Loader:
@@ -45,6 +51,8 @@ class Loader:
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        dim_scale = cache.dim_scale(layer)  # int8 rows decode on the device: kept there
+        self._dim_scale = dim_scale.to(device) if dim_scale is not None else None
 
     def block_chunks(self, epoch: int, block: int) -> list[int]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
@@ -67,7 +75,8 @@ class Loader:
 
     def _submit(self, epoch: int, block: int) -> list:
         args = (self.cache, self.layer)
-        return [self._pool.submit(read_rows, *args, c, self.gate) for c in self.block_chunks(epoch, block)]
+        decode = self.device.type != "cuda"
+        return [self._pool.submit(read_rows, *args, c, self.gate, decode) for c in self.block_chunks(epoch, block)]
 
     def _produce(self) -> None:
         """Producer thread: gathers batches (into pinned memory on CUDA) and queues them in order."""
@@ -75,20 +84,20 @@ class Loader:
         first_batch, empty_blocks = self.position["batch"], 0
         try:
             for epoch, block, futures in self._blocks():
-                rows_RD = torch.cat([f.result() for f in futures])
-                n_batches = len(rows_RD) // self.batch_size
+                parts = [f.result() for f in futures]
+                rows = StoredRows(*(torch.cat(p) if p[0] is not None else None for p in zip(*parts, strict=True)))
+                n_batches = len(rows.values_RD) // self.batch_size
                 empty_blocks = 0 if n_batches else empty_blocks + 1
                 if empty_blocks > self.n_blocks():
                     raise UserError(
                         f"no training batch of {self.batch_size} rows fits the kept rows; lower --batch-size"
                     )
-                perm_R = torch.from_numpy(np.random.default_rng([self.seed, epoch, block, 1]).permutation(len(rows_RD)))
+                perm_R = torch.from_numpy(np.random.default_rng([self.seed, epoch, block, 1]).permutation(len(rows[0])))
                 for batch in range(first_batch, n_batches):
                     idx = perm_R[batch * self.batch_size : (batch + 1) * self.batch_size]
-                    x_BD = torch.empty((len(idx), rows_RD.shape[1]), dtype=rows_RD.dtype, pin_memory=pinned)
-                    torch.index_select(rows_RD, 0, idx, out=x_BD)
+                    x = StoredRows(*(_gather(part, idx, pinned) if part is not None else None for part in rows))
                     nxt = (epoch, block, batch + 1) if batch + 1 < n_batches else self._after(epoch, block)
-                    self._put((x_BD, nxt))
+                    self._put((x, nxt))
                     if self._stop.is_set():
                         return
                 first_batch = 0
@@ -112,16 +121,23 @@ class Loader:
         if self._thread is None:
             self._thread = threading.Thread(target=self._produce, daemon=True, name="sae-loader")
             self._thread.start()
-        x_BD, nxt = self._queue.get()
-        if isinstance(x_BD, BaseException):
-            raise x_BD
+        x, nxt = self._queue.get()
+        if isinstance(x, BaseException):
+            raise x
         self.position = dict(zip(("epoch", "block", "batch"), nxt, strict=True))
         # A pinned host tensor lets the copy overlap compute; each batch has its own pinned buffer
         # (recycled by torch's caching host allocator only once the copy is done).
-        return x_BD.to(self.device, non_blocking=True).float()
+        x = StoredRows(*(part.to(self.device, non_blocking=True) if part is not None else None for part in x))
+        return decode_rows(x, self._dim_scale).float()
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _gather(rows: torch.Tensor, idx: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """rows[idx] into a new (pinned, for a GPU) tensor."""
+    out = torch.empty((len(idx), *rows.shape[1:]), dtype=rows.dtype, pin_memory=pinned)
+    return torch.index_select(rows, 0, idx, out=out)

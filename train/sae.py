@@ -148,6 +148,9 @@ class SparseAutoencoder(nn.Module):
         # Tokens since each latent last fired (AuxK's dead set).
         self.register_buffer("tokens_since_fired_M", torch.zeros(self.m, dtype=torch.long))
         self.gate = Gate()  # rows left alone: see train.gate
+        # How raw rows are normalised before encode (normalize_input's mode) in a saved SAE, whose scale
+        # is folded into its weights: "none", or "standardize" for SAELens's "layer_norm" SAEs.
+        self.input_mode = "none"
 
     # -- inference form: per-sample, batch-independent (what is saved and evaluated) --------------
     def pre_acts(self, x_BD: Tensor) -> Tensor:

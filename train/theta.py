@@ -83,7 +83,7 @@ def calibrate_run(run_dir: Path, target_l0: float | None = None, cache: Path | N
     target = sae.spec.k if target_l0 is None else target_l0
     if not 0 < target < sae.m:
         raise UserError(f"target L0 must be in (0, {sae.m}), got {target}")
-    mode = "standardize" if sae.input_norm == "layer_norm" else "none"  # the scale is in the weights
+    mode = sae.input_mode  # the scale is in the weights
     held = heldout_rows(run.cache, run.layer, chunks, sae.gate)
     batch_size = run.cfg["train_config"]["batch_size"]
     inputs = (normalize_input(x_BD, mode)[0] for x_BD in batches(held.rows_ND, batch_size, torch.device(device)))
