@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks import harvest, models, train
+from benchmarks import harvest, latents, models, train
 from sae.config import parse_count
 
 
@@ -38,14 +38,18 @@ def main() -> None:
                 model, layer, parse_count(args.tokens), "auto", args.model_dtype, args.batch_contexts
             ),
             "train": train.measure(),
+            # the inspect pass: SmolLM2's d and the demo's m; GPT-2 small's d and an m of 24k on a GPU
+            "latents": latents.measure(768, 24_576, 32, 1 << 18) if args.gpt2_small else latents.measure(),
         }
     if args.gpt2_small:
         results["harvest"]["model"] = "gpt2-small-shaped (random weights)"
     harvest.report(results["harvest"])
     print()
     train.report(results["train"])
-    h, t = results["harvest"], results["train"]
-    codec = next(c for c in h["codecs"] if (c["dtype"], c["codec"]) == ("float16", "zstd:1"))
+    print()
+    latents.report(results["latents"])
+    h, t, i = results["harvest"], results["train"], results["latents"]
+    codec = {c["dtype"]: c for c in h["codecs"] if c["codec"] == "zstd:1"}  # the default codec, every dtype
     best, default = t["best"], t["steps"][t["default"]]
     rows = [
         ("harvest vs plain full forward", h["ratio"], f"{h['harvest_tok_s']:,.0f} tok/s, MFU {h['harvest_mfu']:.0%}"),
@@ -58,7 +62,12 @@ def main() -> None:
         ("sparse vs dense decode", t["sparse_vs_baseline"] / t["dense_vs_baseline"], ""),
         ("loader vs fastest step's demand", t["loader_vs_demand"], f"{t['loader_rows_s']:,.0f} rows/s"),
         ("sweep of 3 vs 3 separate runs", t["sweep_vs_separate"], f"{t['sweep_s']:.1f} s"),
-        ("cache codec fp16 zstd:1 size ratio", codec["ratio_vs_dtype"], f"decode {codec['decode_MBps']:,.0f} MB/s"),
+        (
+            "cache int8 vs float16 bytes (zstd:1)",
+            codec["float16"]["bytes_per_token"] / codec["int8"]["bytes_per_token"],
+            f"median row error {codec['int8']['median_row_error']:.1%}, decode {codec['int8']['decode_MBps']:,.0f} MB/s",
+        ),
+        ("inspect pass vs SAE encode alone", i["pass_vs_encode"], f"{i['pass_rows_s']:,.0f} rows/s, m {i['m']:,}"),
     ]
     print(f"\nsummary on {h['device']} (harvest) and {t['device']} (train)")
     print(f"{'figure':42} {'ratio':>7}  absolute")

@@ -12,6 +12,7 @@ from sae.config import parse_sets
 from sae.errors import UserError
 from sae.evaluate.cli import compare_command, eval_command
 from sae.harvest.cli import harvest_command
+from sae.inspect.cli import inspect_command
 from sae.pipeline import run_pipeline
 from sae.train.cli import calibrate_command, train_command
 
@@ -21,6 +22,7 @@ app.command("train")(train_command)
 app.command("calibrate")(calibrate_command)
 app.command("eval")(eval_command)
 app.command("compare")(compare_command)
+app.command("inspect")(inspect_command)
 app.add_typer(cache_app, name="cache")
 
 

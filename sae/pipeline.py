@@ -48,6 +48,7 @@ def run_pipeline(config_path: Path | None, out: Path | None, sets: dict[str, dic
     from sae.evaluate.config import EvalConfig
     from sae.evaluate.evaluate import evaluate_runs
     from sae.harvest.harvest import harvest
+    from sae.inspect.stage import inspect_pipeline_runs
     from sae.train.cli import train_config
     from sae.train.trainer import run_training
 
@@ -57,6 +58,7 @@ def run_pipeline(config_path: Path | None, out: Path | None, sets: dict[str, dic
     train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out})
     run_dirs = run_training(train_cfg, cache)
     evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, sets.get("eval", {})))
+    inspect_pipeline_runs(run_dirs)  # the latent browser of the BatchTopK run; says where its page is
     out_dir = Path(train_cfg.out)
     # beside the runs, not among them: `sae eval runs/*` and `sae compare runs/*` must see only runs
     return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison"))

@@ -1,0 +1,117 @@
+"""The `sae inspect` pass against its limit, the SAE encode alone, on the same rows in the same run.
+
+    python -m benchmarks.latents                   # CPU: SmolLM2-135M's d 576, m 2304, k 32, 16k rows
+    python -m benchmarks.latents --m 24576 --rows 262144 --d 768    # a GPU: GPT-2 small's d, m 24k
+
+Rows are planted sparse features (train.synthetic) in a float16 zstd cache, as harvests write them;
+the SAE is a random BatchTopK one with θ calibrated to L0 = k. Three rates, rows/s:
+  encode   normalise + encode of batches already in memory: the limit of any pass over the rows
+  update   the pass's per-batch work on the same in-memory batches (encode, nonzero, the top-k and
+           sample merges, the windows): "bound by the encode" is a ratio near 1
+  pass     the whole pass from the cache (read, decode, batches, progress bar), as `sae inspect` runs it
+Goal: pass ≥ 0.8 × encode. On a GPU the encode's MFU is printed too.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.mfu import peak_flops
+from sae.cache.store import open_cache
+from sae.inspect.config import InspectConfig
+from sae.inspect.scan import Scanner, encode_latents, plan_rows, scan
+from sae.train.config import SAESpec
+from sae.train.sae import SparseAutoencoder
+from sae.train.synthetic import planted_acts, write_cache
+from sae.train.theta import calibrate_theta
+
+CTX_LEN, CHUNK_CONTEXTS = 128, 128
+
+
+def timed(fn, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure(d: int = 576, m: int = 2304, k: int = 32, rows: int = 16_384, batch_rows: int = 4096) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = max(CTX_LEN, rows // CTX_LEN * CTX_LEN)
+    # in pieces: planted_acts holds [rows, 4d] int64 ranks, 6 GB at 262k rows of d 768
+    acts_RD = torch.cat([planted_acts(min(16_384, rows - r), d, 4 * d, k, seed=r) for r in range(0, rows, 16_384)]) * 3
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAESpec("batchtopk", k, m, 0.0, 0.0), d).to(device).eval()
+    sae.theta.fill_(calibrate_theta(sae, [acts_RD[:batch_rows].to(device)], k)["theta"])
+    cfg = InspectConfig(batch_rows=batch_rows, lm=False)
+    batch = cfg.batch_rows // CTX_LEN * CTX_LEN
+    batches = [x.to(device) for x in acts_RD.split(batch)]
+    tokens = [torch.ones(len(x), dtype=torch.long) for x in batches]
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "d": d, "m": m, "k": k}
+    result.update(rows=rows, batch_rows=batch, threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
+
+    def encode_all() -> None:
+        for x in batches:
+            encode_latents(sae, x)
+
+    def update_all() -> None:
+        scanner = Scanner(sae, cfg, CTX_LEN, device)
+        for i, (x, t) in enumerate(zip(batches, tokens, strict=True)):
+            scanner.update(x, t, i * batch)
+        scanner.result()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = open_cache(write_cache(Path(tmp), acts_RD, CTX_LEN, CHUNK_CONTEXTS, dtype="float16", codec="zstd:1"))
+        plan = plan_rows(cache, [], cache.rows)
+        encode_all(), update_all()  # warm-up: first allocations and kernels
+        # Best of two rounds of each, interleaved: a shared machine's load drifts during the run.
+        times = {"encode": [], "update": [], "pass": []}
+        for _ in range(2):
+            times["encode"].append(timed(encode_all, device))
+            times["update"].append(timed(update_all, device))
+            times["pass"].append(timed(lambda: scan(sae, cache, 0, plan, cfg, device), device))
+    for name, seconds in times.items():
+        result[f"{name}_rows_s"] = rows / min(seconds)
+    result["update_vs_encode"] = result["update_rows_s"] / result["encode_rows_s"]
+    result["pass_vs_encode"] = result["pass_rows_s"] / result["encode_rows_s"]
+    peak, source = peak_flops(device, "fp32")
+    result["encode_mfu"] = result["encode_rows_s"] * 2 * d * m / peak  # the encoder matmul: 2·d·m FLOPs a row
+    result["peak_source"] = source
+    return result
+
+
+def report(r: dict) -> None:
+    print(f"device {r['device']}, threads {r['threads']}: d {r['d']}, m {r['m']}, k {r['k']}, {r['rows']:,} rows")
+    print(f"load average before the run {r['load_average']:.2f} (other processes skew CPU timings)")
+    print(
+        f"  encode alone (in memory)      {r['encode_rows_s']:12,.0f} rows/s   MFU {r['encode_mfu']:.1%} ({r['peak_source']})"
+    )
+    print(f"  inspect update (in memory)    {r['update_rows_s']:12,.0f} rows/s   {r['update_vs_encode']:.2f}x encode")
+    print(
+        f"  inspect pass (from the cache) {r['pass_rows_s']:12,.0f} rows/s   {r['pass_vs_encode']:.2f}x encode (goal >= 0.8)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d", type=int, default=576)
+    parser.add_argument("--m", type=int, default=2304)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=16_384)
+    parser.add_argument("--batch-rows", type=int, default=4096)
+    args = parser.parse_args()
+    result = measure(args.d, args.m, args.k, args.rows, args.batch_rows)
+    report(result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
