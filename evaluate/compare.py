@@ -63,6 +63,26 @@ def _markdown(rows: list[dict], note: str) -> str:
     return "\n".join([note, "", *lines, ""])
 
 
+def summary(out: Path) -> str:
+    """The comparison's headline, for a terminal: per run L0, NMSE and CE degradation with their
+    standard errors (and the gated share of rows), then where the table and the plots are."""
+    rows = list(csv.DictReader((Path(out) / TABLE_CSV).open()))
+
+    def pm(row: dict, key: str, digits: int) -> str:
+        return f"{float(row[key]):.{digits}f} ± {float(row[key + '_stderr']):.{digits}f}"
+
+    width = max(len(row["name"]) for row in rows)
+    lines = [f"{'run':{width}}  {'L0':>12}  {'NMSE':>15}  {'CE degradation (nats)':>21}  gated rows"]
+    for row in rows:
+        lines.append(
+            f"{row['name']:{width}}  {pm(row, 'l0_mean', 1):>12}  {pm(row, 'nmse', 4):>15}  "
+            f"{pm(row, 'ce_degradation', 3):>21}  {float(row['gated_fraction']):.1%}"
+        )
+    lines += [f"table: {Path(out) / TABLE_MD}"]
+    lines += [f"plot: {Path(out) / name}" for name in (NMSE_PNG, CE_PNG, L0_PNG)]
+    return "\n".join(lines)
+
+
 def compare_runs(run_dirs: list[Path], out: Path) -> Path:
     """Write table.md, table.csv, nmse_vs_l0.png, ce_degradation_vs_l0.png and l0_distributions.png
     into out; returns out."""

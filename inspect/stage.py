@@ -159,13 +159,9 @@ def as_saved(record: dict) -> dict:
 
 
 def inspect_pipeline_runs(run_dirs: list[Path]) -> Path | None:
-    """`sae run`'s last step: the page of its BatchTopK run (else of its first run); says where it is."""
-    from sae.progress import console
-
+    """`sae run`'s inspection: the page of its BatchTopK run (else of its first run)."""
     if not run_dirs:
         return None
     archs = [json.loads((Path(d) / "cfg.json").read_text()).get("training_architecture") for d in run_dirs]
     run_dir = run_dirs[archs.index("batchtopk")] if "batchtopk" in archs else run_dirs[0]
-    page = inspect_run(Path(run_dir), InspectConfig())
-    console.print(f"latents of {Path(run_dir).name}: {page}")
-    return page
+    return inspect_run(Path(run_dir), InspectConfig())

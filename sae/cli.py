@@ -34,13 +34,19 @@ def run_command(
         None, "--set", help="STAGE.KEY=VALUE over the file's value, e.g. train.gate_bos=true; repeatable."
     ),
 ) -> None:
-    """The whole pipeline as pipeline.toml describes it: harvest, train, eval, compare."""
+    """The whole pipeline as pipeline.toml describes it: harvest, train, eval, inspect, compare; ends with
+    the comparison table."""
+    from sae.evaluate.compare import summary
     from sae.evaluate.config import EvalConfig
     from sae.harvest.config import HarvestConfig
     from sae.train.config import TrainConfig
 
     stages = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig}
-    print(run_pipeline(config, out, parse_sets(set_ or [], stages)))
+    comparison, page = run_pipeline(config, out, parse_sets(set_ or [], stages))
+    print(summary(comparison))
+    if page is not None:
+        print(f"latents: {page}")
+    print(comparison)  # last, alone on its line: what a script captures
 
 
 def main() -> None:

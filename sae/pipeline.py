@@ -40,9 +40,11 @@ def resolve_cache(cache: str | None, config_path: Path | None) -> str:
     return max(matches, key=lambda c: c.n_contexts).path
 
 
-def run_pipeline(config_path: Path | None, out: Path | None, sets: dict[str, dict] | None = None) -> Path:
-    """harvest → train (the [train]/[[sweep]] SAEs, one pass) → eval each run → compare; returns the
-    comparison folder. Each stage reads its table of pipeline.toml, exactly as its own command does,
+def run_pipeline(
+    config_path: Path | None, out: Path | None, sets: dict[str, dict] | None = None
+) -> tuple[Path, Path | None]:
+    """harvest → train (the [train]/[[sweep]] SAEs) → eval each run → inspect the BatchTopK run →
+    compare; returns (the comparison folder, the inspect page). Each stage reads its table of pipeline.toml, exactly as its own command does,
     then the overrides in sets[stage] ({"train": {"gate_bos": True}}, from `--set`)."""
     from sae.evaluate.compare import compare_runs
     from sae.evaluate.config import EvalConfig
@@ -58,7 +60,7 @@ def run_pipeline(config_path: Path | None, out: Path | None, sets: dict[str, dic
     train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out})
     run_dirs = run_training(train_cfg, cache)
     evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, sets.get("eval", {})))
-    inspect_pipeline_runs(run_dirs)  # the latent browser of the BatchTopK run; says where its page is
+    page = inspect_pipeline_runs(run_dirs)  # the latent browser of the BatchTopK run
     out_dir = Path(train_cfg.out)
     # beside the runs, not among them: `sae eval runs/*` and `sae compare runs/*` must see only runs
-    return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison"))
+    return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison")), page

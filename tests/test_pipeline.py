@@ -40,7 +40,20 @@ device = "cpu"
     code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
     assert code == 0, err
     comparison = tmp_path / "runs-comparison"
-    assert out.strip() == str(comparison)
+    lines = out.strip().splitlines()
+    assert lines[-1] == str(comparison) and lines[0].split() == [
+        "run",
+        "L0",
+        "NMSE",
+        "CE",
+        "degradation",
+        "(nats)",
+        "gated",
+        "rows",
+    ]
+    # the rows a user came for: L0, NMSE, CE degradation with their standard errors, then the plots
+    topk_line = next(line for line in lines if line.startswith("topk_k4_m64"))
+    assert topk_line.split()[1:4] == ["4.0", "±", "0.0"] and "±" in topk_line.split()[5]
     runs = sorted((tmp_path / "runs").iterdir())
     assert [r.name for r in runs] == ["batchtopk_k4_m64", "topk_k4_m64"]  # only runs: `sae eval runs/*` works
     for run in runs:
