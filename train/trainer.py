@@ -324,6 +324,9 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
             record = save_final(i, steps, run_dir)
             with open(run_dir / METRICS, "a") as f:
                 f.write(json.dumps({"step": steps, **record}) + "\n")
+            if wandb_run is not None and "heldout" in record:
+                heldout = {k: v for k, v in record["heldout"].items() if isinstance(v, int | float)}
+                wandb_run.summary.update({f"{run_dir.name}/heldout_{k}": v for k, v in heldout.items()})
     if wandb_run is not None:
         wandb_run.finish()
     return run_dirs
