@@ -11,9 +11,11 @@ Commit protocol: a chunk's arrays are written first (each chunk file atomically)
 valid cache whose uncommitted chunk files are simply rewritten on resume.
 """
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,11 +325,26 @@ class CacheWriter:
         assert 0 < n_ctx <= chunk_contexts, f"{n_ctx} contexts do not fit a chunk of {chunk_contexts}"
         ctx0, row0 = chunk_index * chunk_contexts, chunk_index * chunk_contexts * ctx_len
         rows = slice(row0, row0 + n_ctx * ctx_len)
-        self.group["tokens"][ctx0 : ctx0 + n_ctx] = tokens_CT
-        for layer, (values_RD, scale_R) in stored.items():
-            self.group[acts_name(layer)][rows] = to_numpy(values_RD, self.meta["spec"]["dtype"])
-            if scale_R is not None:
-                self.group[scales_name(layer)][rows] = scale_R.numpy()
+        with self._storage_errors(f"chunk {chunk_index}"):
+            self.group["tokens"][ctx0 : ctx0 + n_ctx] = tokens_CT
+            for layer, (values_RD, scale_R) in stored.items():
+                self.group[acts_name(layer)][rows] = to_numpy(values_RD, self.meta["spec"]["dtype"])
+                if scale_R is not None:
+                    self.group[scales_name(layer)][rows] = scale_R.numpy()
+
+    @contextlib.contextmanager
+    def _storage_errors(self, what: str) -> Iterator[None]:
+        """A write the storage refuses (a full disk, a file-size limit, an object store's error) as one
+        line naming the cache: the committed rows stay, and a rerun resumes after them."""
+        try:
+            yield
+        except Exception as e:
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0] or type(e).__name__
+            raise UserError(
+                f"cannot write {what} of {self.location}: {reason}; the cache keeps its "
+                f"{self.n_contexts * self.meta['spec']['ctx_len']:,} committed rows: free space and run the "
+                "harvest again to resume"
+            ) from None
 
     def commit_chunk(self, chunk_index: int, n_ctx: int, stats: dict[int, np.ndarray], stream_after: dict) -> None:
         """Commit chunk `chunk_index` (its files written, `stats` its chunk_stats row per layer): the
@@ -348,15 +365,17 @@ class CacheWriter:
         meta["stream_end"] = stream_after  # evaluation holds out the documents after this point
         if full:
             meta["resume"] = {"chunk_index": chunk_index + 1, "stream": stream_after}
-        meta["stats"] = {}
+        meta["stats"], full_stats = {}, {}
         for layer, stats_S in stats.items():
-            self.group[f"chunk_stats/{layer}"][chunk_index] = stats_S
-            committed_S = merge_chunk_stats(np.stack([self._full_stats[layer], stats_S]))
-            meta["stats"][str(layer)] = summarize_chunk_stats(committed_S[None])
-            if full:
-                self._full_stats[layer] = committed_S
+            full_stats[layer] = merge_chunk_stats(np.stack([self._full_stats[layer], stats_S]))
+            meta["stats"][str(layer)] = summarize_chunk_stats(full_stats[layer][None])
         meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.group.attrs[META_KEY] = meta
+        with self._storage_errors(f"the commit of chunk {chunk_index}"):
+            for layer, stats_S in stats.items():
+                self.group[f"chunk_stats/{layer}"][chunk_index] = stats_S
+            self.group.attrs[META_KEY] = meta  # the commit: one whole-object write
+        if full:
+            self._full_stats.update(full_stats)
         self.meta = meta
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 from sae.cache.location import as_location
 from sae.cache.store import Cache, open_cache
 from sae.errors import UserError
+from sae.progress import console
 from sae.train.config import SAESpec
 from sae.train.gate import Gate
 from sae.train.sae import SparseAutoencoder, normalize_input
@@ -55,9 +56,11 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Create the run dir, or check a resumed one; never overwrite a finished or running run."""
-    if not resume and (run_dir / CFG).exists():
+def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Create a run dir for a training that starts at step 0, clearing what a run killed before its
+    first complete checkpoint left (metrics lines, checkpoints). A run that has saved its config is
+    refused unless `overwrite` (a --resume that found no checkpoint common to its sweep starts over)."""
+    if not overwrite and (run_dir / CFG).exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +69,9 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write run directory {run_dir}: {e.strerror or e}; choose another --out") from None
+    (run_dir / METRICS).unlink(missing_ok=True)
+    for step in checkpoint_steps(run_dir):
+        (run_dir / f"checkpoint-{step:09d}.pt").unlink()
 
 
 def export_weights(sae: SparseAutoencoder, scale: float) -> dict[str, torch.Tensor]:
@@ -230,13 +236,19 @@ def load_checkpoint(run_dir: Path, step: int, device: torch.device) -> dict[str,
     return torch.load(run_dir / f"checkpoint-{step:09d}.pt", map_location=device, weights_only=True)
 
 
-def common_step(run_dirs: list[Path]) -> int:
-    """The newest checkpoint step every run of the sweep has."""
-    steps = [set(checkpoint_steps(d)) for d in run_dirs]
-    common = set.intersection(*steps) if steps else set()
-    if not common:
-        raise UserError(f"no checkpoint common to all runs of the sweep in {run_dirs[0].parent}; cannot resume")
-    return max(common)
+def resume_point(run_dirs: list[Path], device: torch.device) -> tuple[int, list[dict[str, Any]] | None]:
+    """(step, each run's checkpoint state) of the newest checkpoint every run of the sweep has and can
+    read; an unreadable one (a damaged file) is skipped with a warning. (0, None) where there is none:
+    the sweep was killed before its first complete checkpoint and starts over."""
+    common = set.intersection(*[set(checkpoint_steps(d)) for d in run_dirs])
+    for step in sorted(common, reverse=True):
+        try:
+            return step, [load_checkpoint(d, step, device) for d in run_dirs]
+        except Exception as e:  # a truncated or corrupt file: torch.load's error says which
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            console.print(f"warning: a checkpoint of step {step} in {run_dirs[0].parent} is unreadable ({reason}); "
+                          "resuming from an earlier one")  # fmt: skip
+    return 0, None
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

@@ -19,10 +19,9 @@ from sae.errors import UserError
 from sae.progress import make_progress
 from sae.train.checkpoint import (
     METRICS,
-    common_step,
-    load_checkpoint,
     prepare_run_dir,
     prune_checkpoints,
+    resume_point,
     run_cfg,
     save_checkpoint,
     save_run,
@@ -191,10 +190,9 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
     models = [torch.compile(s) if cfg.compile else s for s in saes]
     thetas = [Eq7Estimate(steps, cfg.theta_tail, device) if s.arch == "batchtopk" else None for s in specs]
     start, position = 0, None
-    if resume:
-        start = common_step(run_dirs)
-        for run_dir, sae, opt, theta in zip(run_dirs, saes, opts, thetas, strict=True):
-            state = load_checkpoint(run_dir, start, device)
+    start, states = resume_point(run_dirs, device) if resume else (0, None)
+    if states is not None:
+        for run_dir, sae, opt, theta, state in zip(run_dirs, saes, opts, thetas, states, strict=True):
             if state["d_in"] != cache.d_model:
                 raise UserError(
                     f"cache {cache.path} has d_model={cache.d_model} but the run {run_dir} was trained "
@@ -209,7 +207,7 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
                 truncate_metrics(run_dir, start)
     elif rank == 0:
         for run_dir in run_dirs:
-            prepare_run_dir(run_dir, resume=False)
+            prepare_run_dir(run_dir, overwrite=resume)
     loader = Loader(
         cache, layer, train_chunks, cfg.batch_size, cfg.seed, setup.gate, cfg.buffer_chunks,
         cfg.loader_threads, device, rank, world, position,
