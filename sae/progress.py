@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.text import Text
 
 console = Console(stderr=True, soft_wrap=True)  # messages are never cut or broken at 80 columns
+SPEED_PERIOD_S = 300  # rate over the last 5 minutes: a training updates its bar only every log_every steps
 
 
 class RateColumn(ProgressColumn):
@@ -39,8 +40,9 @@ class PlainProgress(Progress):
     """rich's task bookkeeping (rates, ETA) without its live display: a timer thread prints lines."""
 
     def __init__(self, unit: str, interval: float):
-        super().__init__(console=console, disable=True)
+        super().__init__(console=console, disable=True, speed_estimate_period=SPEED_PERIOD_S)
         self.unit, self.interval, self.quiet = unit, interval, False
+        self._started_at: dict = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._report_every_interval, daemon=True, name="sae-progress")
 
@@ -61,13 +63,24 @@ class PlainProgress(Progress):
         if self.quiet:
             return
         for task in self.tasks:
-            speed = task.finished_speed or task.speed
+            speed = task.finished_speed or task.speed or self._average_speed(task)
             done = f"{task.completed:,.0f}/{task.total:,.0f} {self.unit} ({task.percentage:.0f}%)"
             rate = f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s"
-            eta = f"ETA {_clock(task.time_remaining)}" if task.time_remaining is not None else "ETA -"
+            eta = f"ETA {_clock((task.total - task.completed) / speed)}" if speed else "ETA -"
             status = f" | {task.fields['status']}" if task.fields.get("status") else ""
             print(f"{task.description}: {done}, {rate}, elapsed {_clock(task.elapsed)}, {eta}{status}",
                   file=sys.stderr, flush=True)  # fmt: skip
+
+    def add_task(self, *args, **kwargs):
+        task_id = super().add_task(*args, **kwargs)
+        self._started_at[task_id] = self._tasks[task_id].completed  # a resumed stage starts part-way
+        return task_id
+
+    def _average_speed(self, task: Task) -> float | None:
+        """Units per second since the task began: where updates come seldom (a training's log steps),
+        rich's windowed estimate has too few samples."""
+        done = task.completed - self._started_at.get(task.id, 0)
+        return done / task.elapsed if task.elapsed and done > 0 else None
 
 
 def _clock(seconds: float | None) -> str:
@@ -93,4 +106,5 @@ def make_progress(unit: str, quiet: bool = False) -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
         disable=quiet,
+        speed_estimate_period=SPEED_PERIOD_S,
     )
