@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae.cache.location import as_location
 from sae.cache.lock import writer_lock
 from sae.cache.spec import cache_dir_name
 from sae.cache.store import open_writer
@@ -51,13 +52,14 @@ def synthetic_spec(d_model: int, ctx_len: int, layer: int = 0, bos_token_id: int
     }
 
 
-def write_cache(root: Path, acts_RD: torch.Tensor, ctx_len: int, chunk_contexts: int, layer: int = 0,
-                dtype: str = "float32", codec: str = "none", bos_every: int = 0) -> Path:  # fmt: skip
-    """A committed cache holding acts_RD (rows in context order) at `layer`; tokens are 1..ctx_len
-    except every `bos_every`-th row (and each context's first), which is token 0 = BOS."""
+def write_cache(root: str | Path, acts_RD: torch.Tensor, ctx_len: int, chunk_contexts: int, layer: int = 0,
+                dtype: str = "float32", codec: str = "none", bos_every: int = 0) -> str:  # fmt: skip
+    """A committed cache under root (a local path or URL) holding acts_RD (rows in context order) at
+    `layer`; tokens are 1..ctx_len except every `bos_every`-th row (and each context's first), which is
+    token 0 = BOS. Returns its path or URL."""
     n_ctx = len(acts_RD) // ctx_len
     spec = {**synthetic_spec(acts_RD.shape[1], ctx_len, layer), "dtype": dtype}
-    path = Path(root) / cache_dir_name(spec)
+    path = as_location(root).child(cache_dir_name(spec))
     tokens_R = np.tile(np.arange(1, ctx_len + 1, dtype=np.int32), n_ctx)
     tokens_R[::ctx_len] = 0
     if bos_every:
@@ -71,4 +73,4 @@ def write_cache(root: Path, acts_RD: torch.Tensor, ctx_len: int, chunk_contexts:
             ctx1 = min(ctx0 + chunk_contexts, n_ctx)
             acts = {layer: acts_RD[ctx0 * ctx_len : ctx1 * ctx_len]}
             writer.write_chunk(chunk, tokens_NT[ctx0:ctx1], acts, {"doc": ctx1, "offset": 0})
-    return path
+    return path.url
