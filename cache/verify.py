@@ -4,7 +4,8 @@ from collections.abc import Iterator
 
 import torch
 
-from sae.cache.store import Cache, acts_name, chunk_key
+from sae.cache.codecs import is_scaled
+from sae.cache.store import Cache, acts_name, chunk_key, scales_name
 from sae.errors import UserError
 
 
@@ -42,7 +43,15 @@ def describe(cache: Cache) -> dict:
         "rows": cache.rows,
         "n_contexts": cache.n_contexts,
         "dtype": cache.storage_dtype,
-        "arrays": {"tokens": "tokens", "acts": {str(layer): acts_name(layer) for layer in cache.layers}},
+        "arrays": {
+            "tokens": "tokens",
+            "acts": {str(layer): acts_name(layer) for layer in cache.layers},
+            **(
+                {"scales": {str(layer): scales_name(layer) for layer in cache.layers}}
+                if is_scaled(cache.storage_dtype)
+                else {}
+            ),
+        },
         "chunk_rows": cache.chunk_rows,
         "codec": cache.meta["storage"]["codec"],
         "size_bytes": cache.location.size(),
