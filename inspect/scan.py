@@ -117,7 +117,7 @@ class KeepBest:
         all_cols = torch.cat([touched_T.repeat_interleave(self.k), cols_n])
         all_costs = torch.cat([self.cost_MK[touched_T].flatten(), costs_n])
         # One sort by (latent, cost) as a float64 key, exact below 2^53 (m < 2^22); torch's CPU sort
-        # runs float64 far faster than int64 (see train.sae.select_batchtopk).
+        # runs float64 far faster than int64 (see train.sparse.sum_by_column).
         order = (all_cols.double() * 2**31 + all_costs.double()).sort(stable=True).indices
         sorted_cols = all_cols[order]
         position = torch.arange(len(order), device=order.device)

@@ -114,9 +114,10 @@ class TrainConfig:
     precision: str = "tf32"
     """Matmul precision on CUDA: fp32, tf32, or bf16 autocast (weights and thresholds stay fp32)."""
     decode: str = "auto"
-    """(batch)topk decoding: sparse (a gather over the k active rows of W_dec, embedding_bag), dense
-    (a [B, m] @ [m, d] matmul), or auto: sparse on CPU, dense on CUDA, the faster of the two on each
-    (d 768, m 12288, k 32: sparse 1.2-1.6x dense on 2 CPU cores, dense 2.0x sparse on an H100)."""
+    """(batch)topk's decode and encoder gradient: sparse (a gather over the k active rows of W_dec,
+    embedding_bag, and the encoder's gradient at the kept entries only: train.sparse), dense (a
+    [B, m] @ [m, d] matmul and autograd's dense backward), or auto: sparse on CPU, dense on CUDA, the
+    faster of the two on each (dense decode: 2.0x sparse on an H100)."""
     compile: bool = False
     """torch.compile the SAE forward (worth it on CUDA; on CPU it needs a C compiler)."""
     log_every: int = 50

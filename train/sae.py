@@ -7,6 +7,7 @@ Equations and defaults follow the BatchTopK paper and its reference code. Parame
 (W_enc [d, m], W_dec [m, d]), so saving is a rename-free copy.
 """
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -16,19 +17,18 @@ from torch import Tensor, nn
 
 from sae.train.config import SAESpec
 from sae.train.gate import Gate
+from sae.train.sparse import (
+    Active,
+    KeptEncoderGrad,
+    decode_dense,
+    decode_sparse,
+    densify,
+    select_batchtopk,
+    select_dead,
+    select_topk,
+)
 
 TOPK_ARCHS = ("topk", "batchtopk")
-
-
-class Active(NamedTuple):
-    """The latents kept by (Batch)TopK as a row-sorted sparse list of N entries."""
-
-    rows_N: Tensor
-    cols_N: Tensor
-    acts_N: Tensor
-    """Kept activations; carries the gradient back to the encoder."""
-    offsets_B: Tensor
-    """Start of each row's entries in the lists (embedding_bag's offsets)."""
 
 
 class SAEOutput(NamedTuple):
@@ -49,44 +49,6 @@ class SAEOutput(NamedTuple):
     """α · AuxK loss (topk, batchtopk) while some latent is dead, else 0."""
     loss: Tensor
     """mse + sparsity + aux: what is minimised."""
-
-
-def select_topk(pre_BM: Tensor, k: int) -> Active:
-    """The k largest entries of each row."""
-    B, M = pre_BM.shape
-    top = pre_BM.topk(k, dim=1, sorted=False)
-    rows_N = torch.arange(B, device=pre_BM.device).repeat_interleave(k)
-    offsets_B = torch.arange(0, B * k, k, device=pre_BM.device)
-    return Active(rows_N, top.indices.flatten(), top.values.flatten(), offsets_B)
-
-
-def select_batchtopk(pre_BM: Tensor, k: int) -> Active:
-    """The B·k largest entries of the whole batch matrix (paper eq. 6), sorted by row."""
-    B, M = pre_BM.shape
-    top = pre_BM.flatten().topk(B * k, sorted=False)
-    # Sorted as float64 (exact below 2^53): torch 2.13's CPU int64 sort took 170 ms for 32k indices,
-    # the float64 one 3.5 ms.
-    flat_f, order_N = top.indices.double().sort()
-    flat_N = flat_f.long()
-    rows_N = flat_N // M
-    counts_B = torch.bincount(rows_N, minlength=B)
-    return Active(rows_N, flat_N % M, top.values[order_N], counts_B.cumsum(0) - counts_B)
-
-
-def decode_sparse(active: Active, W_dec_MD: Tensor) -> Tensor:
-    """Σ_j f_bj W_dec[j] over the kept entries only: B·k·d work instead of B·m·d."""
-    return F.embedding_bag(active.cols_N, W_dec_MD, active.offsets_B, mode="sum", per_sample_weights=active.acts_N)
-
-
-def densify(active: Active, B: int, M: int) -> Tensor:
-    """The kept entries as a dense [B, M] matrix (differentiable in acts_N)."""
-    dense_BM = active.acts_N.new_zeros(B, M)
-    return dense_BM.index_put((active.rows_N, active.cols_N), active.acts_N)
-
-
-def decode_dense(active: Active, W_dec_MD: Tensor) -> Tensor:
-    """The reference path: scatter to a dense [B, m] matrix and multiply; the parity test's baseline."""
-    return densify(active, len(active.offsets_B), W_dec_MD.shape[0]) @ W_dec_MD
 
 
 class JumpReLU(torch.autograd.Function):
@@ -134,6 +96,8 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.spec, self.d_in, self.m = spec, d_in, spec.dict_size
         self.aux_k, self.aux_coeff, self.dead_tokens = aux_k, aux_coeff, dead_tokens
+        # sparse_decode, for (batch)topk: decode from the kept rows of W_dec (embedding_bag) and take the
+        # encoder's gradient at the kept entries only (KeptEncoderGrad); False: the dense matmuls
         self.bandwidth, self.sparse_decode = bandwidth, sparse_decode
         # The reference code's init: kaiming-uniform W_enc, W_dec its transpose with unit-norm rows.
         self.W_enc = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d_in, self.m)))
@@ -156,7 +120,11 @@ class SparseAutoencoder(nn.Module):
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         # = ReLU((x − b_dec) W_enc + b_enc), written so that autograd never forms the [B, d] input
         # gradient (a third B·m·d matmul) only to sum it into b_dec's: b_dec W_enc is one [m] vector.
-        return F.relu(x_BD @ self.W_enc - self.b_dec @ self.W_enc + self.b_enc)
+        bias_M = self.b_enc - self.b_dec @ self.W_enc
+        if torch.is_autocast_enabled(x_BD.device.type):  # a bf16 product summed into fp32 pre-activations
+            return F.relu(x_BD @ self.W_enc + bias_M)
+        # the bias enters the matmul's output and the ReLU runs in place: two passes over [B, m] fewer
+        return torch.addmm(bias_M, x_BD, self.W_enc).relu_()
 
     def threshold_M(self) -> Tensor:
         """Per-latent inference threshold: BatchTopK's θ (eq. 7) broadcast, JumpReLU's exp(log θ)."""
@@ -183,12 +151,17 @@ class SparseAutoencoder(nn.Module):
         """aux_k: width of AuxK's top-k over the dead latents (topk, batchtopk); 0: no AuxK. The trainer
         sizes it from the dead count (train.trainer.DeadLatents); a batch with no dead latent adds 0."""
         B = x_BD.shape[0]
-        pre_BM = self.pre_acts(x_BD)
+        # sparse: (batch)topk's encoder gradient over the kept entries only (KeptEncoderGrad)
+        kept_grad = self.sparse_decode and self.spec.arch in TOPK_ARCHS
+        with torch.no_grad() if kept_grad else contextlib.nullcontext():
+            pre_BM = self.pre_acts(x_BD)
         zero = pre_BM.new_zeros(())
         sparsity = aux = zero
         if self.spec.arch in TOPK_ARCHS:
             select = select_topk if self.spec.arch == "topk" else select_batchtopk
             active = select(pre_BM, self.spec.k)
+            if kept_grad:
+                active = self._with_encoder_grad(active, x_BD)
             decode = decode_sparse if self.sparse_decode else decode_dense
             recon_BD = decode(active, self.W_dec) + self.b_dec
             latents, fired_N = active, (active.acts_N > 0).detach()
@@ -216,10 +189,18 @@ class SparseAutoencoder(nn.Module):
     def auxk_loss(self, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor, aux_k: int) -> Tensor:
         """Gao et al.: reconstruct the residual from the aux_k largest dead latents (no b_dec)."""
         dead_M = self.dead_M()
-        active = select_topk(pre_BM * dead_M, min(aux_k, self.m))  # live latents score 0 and add nothing
+        active = select_dead(pre_BM, dead_M, aux_k)
+        if self.sparse_decode:  # pre_BM was made without autograd (forward)
+            active = self._with_encoder_grad(active, x_BD)
         decode = decode_sparse if self.sparse_decode else decode_dense
         residual_BD = (x_BD - recon_BD).detach()
         return (decode(active, self.W_dec).float() - residual_BD.float()).square().mean() * dead_M.any()
+
+    def _with_encoder_grad(self, active: Active, x_BD: Tensor) -> Active:
+        acts_N = KeptEncoderGrad.apply(
+            active.acts_N, x_BD, self.W_enc, self.b_enc, self.b_dec, active.rows_N, active.cols_N, active.offsets_B
+        )
+        return active._replace(acts_N=acts_N)
 
     def dead_M(self) -> Tensor:
         """[m] bool: latents that have not fired for dead_tokens tokens."""

@@ -19,7 +19,8 @@ from torch import Tensor
 from sae.errors import UserError
 from sae.train.checkpoint import load_sae, read_run, save_run
 from sae.train.heldout import batches, evaluate_heldout, heldout_rows
-from sae.train.sae import Active, SparseAutoencoder, normalize_input
+from sae.train.sae import SparseAutoencoder, normalize_input
+from sae.train.sparse import Active
 
 
 class Eq7Estimate:

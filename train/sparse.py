@@ -1,0 +1,225 @@
+"""The kept entries of (Batch)TopK: which they are, and the decode and gradients that touch only them.
+
+Selection: select_topk (per row), select_batchtopk (paper eq. 6: the B·k largest of the whole batch
+matrix, one tie rule on every path), select_dead (AuxK's dead latents). Sparse kernels: decode_sparse
+(Σ over the kept rows of W_dec, embedding_bag) and KeptEncoderGrad (the encoder's gradient at the kept
+entries only, as sparsify's fused encoder): B·k·d work instead of B·m·d. Beside each fast path is the
+plain one it must equal (decode_dense, select_batchtopk_plain); tests/test_select.py and
+tests/test_sae_arch.py check them, gradients included.
+"""
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Active(NamedTuple):
+    """The latents kept by (Batch)TopK as a row-sorted sparse list of N entries."""
+
+    rows_N: Tensor
+    cols_N: Tensor
+    acts_N: Tensor
+    """Kept activations; carries the gradient back to the encoder."""
+    offsets_B: Tensor
+    """Start of each row's entries in the lists (embedding_bag's offsets)."""
+
+
+def select_topk(pre_BM: Tensor, k: int) -> Active:
+    """The k largest entries of each row."""
+    B, M = pre_BM.shape
+    rows_N = torch.arange(B, device=pre_BM.device).repeat_interleave(k)
+    offsets_B = torch.arange(0, B * k, k, device=pre_BM.device)
+    if k == M:  # every entry (AuxK over the dead columns when no more than k are dead): no top-k
+        return Active(rows_N, torch.arange(M, device=pre_BM.device).repeat(B), pre_BM.flatten(), offsets_B)
+    top = pre_BM.topk(k, dim=1, sorted=False)
+    return Active(rows_N, top.indices.flatten(), top.values.flatten(), offsets_B)
+
+
+def select_dead(pre_BM: Tensor, dead_M: Tensor, aux_k: int) -> Active:
+    """AuxK's selection: in each row the aux_k largest pre-activations of dead latents. On CPU a top-k
+    over the dead columns only (most often all of them: the trainer sizes aux_k to the dead count);
+    on CUDA, where gathering them would read their count on the host, over every column with the
+    live ones zeroed (the reference: the entries beyond the dead ones it keeps are 0 and add nothing)."""
+    if pre_BM.is_cuda:
+        return select_topk(pre_BM * dead_M, min(aux_k, pre_BM.shape[1]))
+    dead_J = dead_M.nonzero().squeeze(1)
+    if len(dead_J) == 0:  # nothing to select (AuxK then adds 0)
+        zeros_B = torch.zeros(len(pre_BM), dtype=torch.long, device=pre_BM.device)
+        return Active(dead_J, dead_J, pre_BM.flatten()[:0], zeros_B)
+    active = select_topk(pre_BM.index_select(1, dead_J), min(aux_k, len(dead_J)))
+    return active._replace(cols_N=dead_J[active.cols_N])
+
+
+# BatchTopK's selection: "auto" takes the sampled-threshold path on CPU and the plain path on CUDA;
+# "plain" or "threshold" forces one everywhere (the parity test's switch, and a way back).
+SELECT_PATH = os.environ.get("SAE_BATCHTOPK_SELECT", "auto")
+SELECT_SAMPLE = 1 << 17
+"""Entries in the threshold path's strided sample of the batch matrix."""
+
+
+def select_batchtopk(pre_BM: Tensor, k: int) -> Active:
+    """The B·k largest entries of the whole batch matrix (paper eq. 6), in row-major order.
+
+    Exactly the entries of select_batchtopk_plain (the reference): everything above the B·k-th
+    largest value v, then the entries equal to v with the lowest flat index (row·m + col) until B·k
+    are kept. Entries tied at 0, kept when fewer than B·k are positive, follow the same rule and
+    change nothing: their activation is 0, and so is their gradient through the ReLU."""
+    if SELECT_PATH == "threshold" or (SELECT_PATH == "auto" and not pre_BM.is_cuda):
+        return select_batchtopk_threshold(pre_BM, k)
+    return select_batchtopk_plain(pre_BM, k)
+
+
+def select_batchtopk_plain(pre_BM: Tensor, k: int) -> Active:
+    """The reference: v from a top-k over all B·m entries; on CUDA a radix select, with no host sync."""
+    B, M = pre_BM.shape
+    flat_N = pre_BM.detach().flatten()
+    v = flat_N.topk(B * k, sorted=False).values.min()
+    # nonzero_static: exactly B·k kept by construction, a shape known ahead, so CUDA does not wait
+    kept_N = _keep_first(flat_N, v, B * k).nonzero_static(size=B * k).squeeze(1)
+    return _active(pre_BM, kept_N)
+
+
+def select_batchtopk_threshold(pre_BM: Tensor, k: int) -> Active:
+    """The same entries from a top-k over only the survivors of a threshold t ≤ v read off a strided
+    sample (t from a full top-k when too few survive: rare, and still exact). A top-k over all B·m
+    values runs on one CPU thread (1.0 s at the paper's B 4096, m 12288); the compare and nonzero
+    that find the survivors run on all threads. Reads t and the survivor count on the host: CPU only
+    in "auto". Past the survivors it keeps to one-thread ops (top-k of one row, a float64 sort): on
+    busy cores each multi-threaded op over ~B·k entries waited 10-30 ms for its second thread."""
+    B, M = pre_BM.shape
+    n = B * k
+    flat_N = pre_BM.detach().flatten()
+    t = _sample_threshold(flat_N, n, M)
+    cand_S = (flat_N >= t).nonzero().squeeze(1) if t > 0 else flat_N[:0]  # row-major: no sort needed
+    if len(cand_S) < n:  # the sample overestimated v, or fewer than ~B·k entries are positive
+        t = flat_N.topk(n, sorted=False).values.min()
+        cand_S = (flat_N >= t).nonzero().squeeze(1)
+    values_S = flat_N.index_select(0, cand_S)
+    if len(cand_S) > n:
+        top = values_S.topk(n + 1, sorted=False)
+        (w, v), (w_at, _) = top.values.topk(2, largest=False)  # the (n+1)-th and the n-th largest
+        if not w < v:  # a tie across the boundary: the tie rule decides
+            return _active(pre_BM, cand_S[_keep_first(values_S, v, n)])
+        i = int(w_at)  # the top n: the top n + 1 but the smallest, back in flat order by a sort
+        kept_S = torch.cat([top.indices[:i], top.indices[i + 1 :]]).double().sort().values.long()
+        cand_S = cand_S.index_select(0, kept_S)
+    return _active(pre_BM, cand_S)
+
+
+def _sample_threshold(flat_N: Tensor, n: int, M: int) -> float:
+    """A value that about n·(1 + 6/√e) entries of flat_N reach, e = the sample's expected count above
+    the n-th largest: six standard deviations of a binomial count, so too few survive almost never."""
+    N = flat_N.numel()
+    stride = max(1, N // SELECT_SAMPLE)
+    while math.gcd(stride, M) > 1:  # coprime with m: the sample visits every column, not the same few in each row
+        stride += 1
+    sample_S = flat_N[stride // 2 :: stride]
+    expected = len(sample_S) * n / N
+    j = min(len(sample_S), math.ceil(expected + 6 * math.sqrt(expected) + 16))
+    return float(sample_S.topk(j, sorted=False).values.min())
+
+
+def _keep_first(values_N: Tensor, v: Tensor, n: int) -> Tensor:
+    """[N] bool over values in flat order: all above v, then those equal to v, lowest position first,
+    until n are kept (the tie rule, on every path)."""
+    above_N = values_N > v
+    tie_N = values_N == v
+    count = torch.int32 if len(values_N) < 2**31 else torch.int64  # int32: half the bytes of a scan over B·m
+    ties_so_far_N = tie_N.to(count).cumsum(0, dtype=count)
+    # count_nonzero, not sum: torch 2.13's CPU sum of a bool tensor took 300 ms for 50M entries, this 10 ms
+    return above_N | (tie_N & (ties_so_far_N <= n - above_N.count_nonzero()))
+
+
+def _active(pre_BM: Tensor, kept_N: Tensor) -> Active:
+    """Active from kept flat indices in row-major order; acts_N gathered from pre_BM carry its gradient."""
+    B, M = pre_BM.shape
+    rows_N = kept_N // M
+    if pre_BM.is_cuda:  # bincount would read its max on the host
+        offsets_B = torch.searchsorted(kept_N, torch.arange(0, B * M, M, device=pre_BM.device))
+    else:  # one thread, where searchsorted's threads wait on busy cores
+        counts_B = torch.bincount(rows_N, minlength=B)
+        offsets_B = counts_B.cumsum(0) - counts_B
+    return Active(rows_N, kept_N % M, pre_BM.flatten().index_select(0, kept_N), offsets_B)
+
+
+def decode_sparse(active: Active, W_dec_MD: Tensor) -> Tensor:
+    """Σ_j f_bj W_dec[j] over the kept entries only: B·k·d work instead of B·m·d."""
+    return SparseDecode.apply(active.acts_N, W_dec_MD, active.rows_N, active.cols_N, active.offsets_B)
+
+
+def sum_by_column(cols_N: Tensor, rows_N: Tensor, src_BD: Tensor, weights_N: Tensor, M: int) -> Tensor:
+    """[M, D]: Σ_n weights_n · src[rows_n] over the entries n of each column, as one embedding_bag over
+    the entries grouped by a float64 sort of their columns (exact below 2^53). embedding_bag's own
+    backward groups them with an int64 sort, which torch 2.13's CPU runs as a parallel radix sort:
+    0.7 ms for 32k indices on idle cores, 170 ms on busy ones; the float64 sort took 2.4 ms on both."""
+    cols_f, perm_N = cols_N.double().sort()
+    starts_M = torch.searchsorted(cols_f, torch.arange(M, device=cols_f.device, dtype=cols_f.dtype))
+    return F.embedding_bag(rows_N[perm_N], src_BD, starts_M, mode="sum", per_sample_weights=weights_N[perm_N])
+
+
+class SparseDecode(torch.autograd.Function):
+    """embedding_bag's decode with W_dec's gradient from sum_by_column (see there why)."""
+
+    @staticmethod
+    def forward(ctx, acts_N: Tensor, W_dec_MD: Tensor, rows_N: Tensor, cols_N: Tensor, offsets_B: Tensor) -> Tensor:
+        ctx.save_for_backward(acts_N, W_dec_MD, rows_N, cols_N, offsets_B)
+        return F.embedding_bag(cols_N, W_dec_MD, offsets_B, mode="sum", per_sample_weights=acts_N)
+
+    @staticmethod
+    def backward(ctx, grad_BD: Tensor):
+        acts_N, W_dec_MD, rows_N, cols_N, offsets_B = ctx.saved_tensors
+        grad_acts_N = grad_W_dec_MD = None
+        if ctx.needs_input_grad[0]:  # ⟨∂x̂_b, W_dec[j]⟩: embedding_bag's own gradient, W_dec held (no sort)
+            with torch.enable_grad():
+                acts = acts_N.detach().requires_grad_()
+                out_BD = F.embedding_bag(cols_N, W_dec_MD.detach(), offsets_B, mode="sum", per_sample_weights=acts)
+                (grad_acts_N,) = torch.autograd.grad(out_BD, acts, grad_BD)
+        if ctx.needs_input_grad[1]:
+            grad_W_dec_MD = sum_by_column(cols_N, rows_N, grad_BD, acts_N.to(grad_BD.dtype), W_dec_MD.shape[0])
+        return grad_acts_N, grad_W_dec_MD, None, None, None
+
+
+def densify(active: Active, B: int, M: int) -> Tensor:
+    """The kept entries as a dense [B, M] matrix (differentiable in acts_N)."""
+    dense_BM = active.acts_N.new_zeros(B, M)
+    return dense_BM.index_put((active.rows_N, active.cols_N), active.acts_N)
+
+
+def decode_dense(active: Active, W_dec_MD: Tensor) -> Tensor:
+    """The reference path: scatter to a dense [B, m] matrix and multiply; the parity test's baseline."""
+    return densify(active, len(active.offsets_B), W_dec_MD.shape[0]) @ W_dec_MD
+
+
+class KeptEncoderGrad(torch.autograd.Function):
+    """acts_N, the kept entries of a pre_BM computed without autograd, with the encoder's gradient over
+    those entries only (as sparsify's fused encoder): B·k·d work in place of the dense backward's B·m·d
+    matmul and its passes over [B, m] (ReLU, bias sums, the scatter into zeros). For a kept (b, j) with
+    pre_bj = ReLU((x_b − b_dec)·W_enc[:, j] + b_enc[j]) > 0 and upstream gradient g:
+    ∂W_enc[:, j] += g·(x_b − b_dec), ∂b_enc[j] += g, ∂b_dec −= g·W_enc[:, j], ∂x_b += g·W_enc[:, j]."""
+
+    @staticmethod
+    def forward(ctx, acts_N: Tensor, x_BD: Tensor, W_enc_DM: Tensor, b_enc_M: Tensor, b_dec_D: Tensor,
+                rows_N: Tensor, cols_N: Tensor, offsets_B: Tensor) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(acts_N, x_BD, W_enc_DM, b_dec_D, rows_N, cols_N, offsets_B)
+        return acts_N.clone()
+
+    @staticmethod
+    def backward(ctx, grad_N: Tensor):
+        acts_N, x_BD, W_enc_DM, b_dec_D, rows_N, cols_N, offsets_B = ctx.saved_tensors
+        M = W_enc_DM.shape[1]
+        g_N = grad_N.float() * (acts_N > 0)  # ReLU's gradient: none through a kept 0
+        grad_b_enc_M = torch.zeros(M, device=g_N.device).index_add_(0, cols_N, g_N)
+        grad_x = grad_W_enc = grad_b_dec = None
+        if ctx.needs_input_grad[2]:
+            xc_BD = x_BD.float() - b_dec_D.float()
+            grad_W_enc = sum_by_column(cols_N, rows_N, xc_BD, g_N, M).t()  # [m, d] → W_enc's [d, m]
+        if ctx.needs_input_grad[4]:
+            grad_b_dec = -(W_enc_DM.float() @ grad_b_enc_M)
+        if ctx.needs_input_grad[1]:
+            W_MD = W_enc_DM.float().t().contiguous()
+            grad_x = F.embedding_bag(cols_N, W_MD, offsets_B, mode="sum", per_sample_weights=g_N).to(x_BD.dtype)
+        return None, grad_x, grad_W_enc, grad_b_enc_M, grad_b_dec, None, None, None
