@@ -2,10 +2,12 @@
 
 Runs are grouped so shared work is done once: the LM is loaded once per (model, dtype), and runs that
 share a cache and layer share the evaluation contexts and, per batch, the clean and the zero- and
-mean-ablated forward passes; each SAE then adds one spliced pass per batch as deployed (its gated
-rows passed through), one more at every position if it has a gate, and one in batch mode on request.
+mean-ablated passes; each SAE then adds one spliced pass per batch as deployed (its gated rows passed
+through), one more at every position if it has a gate, and one in batch mode on request. Only the
+clean pass runs the blocks before the site; the spliced passes start at the site (evaluate.splice).
 """
 
+import functools
 import itertools
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +33,7 @@ from sae.evaluate.metrics import (
     token_kl,
 )
 from sae.evaluate.report import write_outputs
-from sae.evaluate.splice import clean_pass, spliced_pass
+from sae.evaluate.splice import Splicer
 from sae.harvest.harvest import resolve_device
 from sae.harvest.model import LoadedModel, check_site, load_model
 from sae.progress import make_progress
@@ -161,6 +163,7 @@ def evaluate_saes(
     mean_D = torch.tensor(cache.stats(layer)["mean_D"], device=device)  # the training data's mean
     shared = Tally()
     tallies = [[Tally() for _ in sae_variants] for sae_variants in variants]
+    splicer = Splicer(loaded, site, layer)
     with make_progress("tok") as progress:
         task = progress.add_task(f"eval {len(saes)} SAE(s) at {site} {layer}", total=C * T, status="")
         for c0 in range(0, C, cfg.batch_size):
@@ -168,20 +171,27 @@ def evaluate_saes(
             position_BT = torch.arange(T, device=device).expand_as(ids_BT)
             plain_BT = (position_BT > 0) & (ids_BT != bos)  # BOS and first-position rows: the massive norms
             pred_BT = position_BT < T - 1  # the last position has no next token
-            logits_BTV, x_BTD = clean_pass(loaded, ids_BT, site, layer)
+            logits_BTV, x_BTD = splicer.clean(ids_BT)
             clean_logp_BTV = log_probs(logits_BTV)
             del logits_BTV
             shared.add("n_pred", torch.ones_like(pred_BT), pred_BT)
             shared.add("ce_clean", token_ce(clean_logp_BTV, ids_BT), pred_BT)
-            for name, ablated_BTD in (("zero", torch.zeros_like(x_BTD)), ("mean", mean_D.expand_as(x_BTD))):
-                logp_BTV = log_probs(spliced_pass(loaded, ids_BT, site, layer, ablated_BTD))
-                shared.add(f"ce_{name}", token_ce(logp_BTV, ids_BT), pred_BT)
-                del logp_BTV
             batch = Batch(ids_BT, position_BT, x_BTD, clean_logp_BTV, plain_BT, pred_BT)
+            # Every replacement of this batch with what takes its log-probs, then their spliced passes
+            # together: the blocks before the site run once per batch, not once per replacement.
+            spliced = [
+                (torch.zeros_like(x_BTD), functools.partial(_tally_ablation, shared, "ce_zero", batch)),
+                (mean_D.expand_as(x_BTD), functools.partial(_tally_ablation, shared, "ce_mean", batch)),
+            ]
             for sae, sae_variants, sae_tallies in zip(saes, variants, tallies, strict=True):
                 gated_BT = sae.gate.gated(x_BTD.flatten(0, 1), ids_BT.flatten(), position_BT.flatten()).view_as(ids_BT)
                 for variant, tally in zip(sae_variants, sae_tallies, strict=True):
-                    _tally_sae(tally, sae, variant, batch, gated_BT, loaded, site, layer)
+                    recon_BTD = _tally_sae(tally, sae, variant, batch, gated_BT)
+                    if variant.lm:
+                        spliced.append((recon_BTD, functools.partial(_tally_spliced, tally, batch)))
+            logits = splicer.spliced(ids_BT, [acts_BTD for acts_BTD, _ in spliced])
+            for (_, take), logits_BTV in zip(spliced, logits, strict=True):
+                take(log_probs(logits_BTV))
             progress.advance(task, ids_BT.numel())
     return [_summarize(shared, v, t, cfg, cfg.batch_size * T) for v, t in zip(variants, tallies, strict=True)]
 
@@ -199,26 +209,31 @@ class Batch(NamedTuple):
 
 
 def _tally_sae(
-    tally: Tally, sae: SparseAutoencoder, variant: Variant, b: Batch, gated_BT: torch.Tensor, loaded: LoadedModel,
-    site: str, layer: int,
-) -> None:  # fmt: skip
-    """One SAE in one variant on one batch: its spliced pass (CE, KL) and its reconstruction of the
-    site's activation, over the rows it encodes (gated rows pass through in gated variants)."""
+    tally: Tally, sae: SparseAutoencoder, variant: Variant, b: Batch, gated_BT: torch.Tensor
+) -> torch.Tensor:
+    """One SAE in one variant on one batch: its reconstruction of the site's activation, over the rows
+    it encodes (gated rows pass through in gated variants); returns it [B, T, D] for the spliced pass."""
     x_RD = b.x_BTD.flatten(0, 1).float()
     encode_BT = ~gated_BT if variant.gated else torch.ones_like(gated_BT)
     encode_R = encode_BT.flatten() if variant.gated and not sae.gate.empty else None
     recon_RD, latents_RM = reconstruct_rows(sae, x_RD, encode_R, variant.batch_mode, variant.theta)
-    if variant.lm:
-        logp_BTV = log_probs(spliced_pass(loaded, b.ids_BT, site, layer, recon_RD.view(b.x_BTD.shape)))
-        tally.add("ce_spliced", token_ce(logp_BTV, b.ids_BT), b.pred_BT)
-        tally.add("kl", token_kl(b.clean_logp_BTV, logp_BTV), b.pred_BT)
-        del logp_BTV
     stats = row_stats(x_RD, recon_RD, latents_RM)
     tally.add_rows("", b.x_BTD, stats, encode_BT)
     tally.add_rows("plain_", b.x_BTD, stats, encode_BT & b.plain_BT)
     tally.add("gated", ~encode_BT, torch.ones_like(encode_BT))
     tally.add("all_rows", torch.ones_like(encode_BT), torch.ones_like(encode_BT))
     tally.add_latents(latents_RM, stats["l0"], encode_BT.flatten(), b.plain_BT.flatten())
+    return recon_RD.view(b.x_BTD.shape)
+
+
+def _tally_spliced(tally: Tally, b: Batch, logp_BTV: torch.Tensor) -> None:
+    """An SAE's spliced pass: CE and KL from the clean pass."""
+    tally.add("ce_spliced", token_ce(logp_BTV, b.ids_BT), b.pred_BT)
+    tally.add("kl", token_kl(b.clean_logp_BTV, logp_BTV), b.pred_BT)
+
+
+def _tally_ablation(shared: Tally, name: str, b: Batch, logp_BTV: torch.Tensor) -> None:
+    shared.add(name, token_ce(logp_BTV, b.ids_BT), b.pred_BT)
 
 
 NESTED_KEYS = ("ce_spliced", "ce_degradation", "ce_recovered_zero", "ce_recovered_mean", "kl", *RECON_KEYS)
