@@ -11,11 +11,13 @@ benchmarks/parity.py needs a real cache and minutes of training; it runs on its 
 """
 
 import argparse
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
 
-from benchmarks import harvest, latents, models, train
+from benchmarks import eval as evaluation
+from benchmarks import harvest, latents, models, saelens, select, train
 from sae.config import parse_count
 
 
@@ -40,7 +42,12 @@ def main() -> None:
             "train": train.measure(),
             # the inspect pass: SmolLM2's d and the demo's m; GPT-2 small's d and an m of 24k on a GPU
             "latents": latents.measure(768, 24_576, 32, 1 << 18) if args.gpt2_small else latents.measure(),
+            "select": select.measure(),
+            # an early and a late layer: the shared prefix is short, then long
+            "eval": evaluation.measure(model, (2, 8) if args.gpt2_small else (3, 24)),
         }
+        if importlib.util.find_spec("sae_lens") is not None:  # the optional extra: pip install -e ".[saelens]"
+            results["saelens"] = saelens.measure()
     if args.gpt2_small:
         results["harvest"]["model"] = "gpt2-small-shaped (random weights)"
     harvest.report(results["harvest"])
@@ -48,6 +55,10 @@ def main() -> None:
     train.report(results["train"])
     print()
     latents.report(results["latents"])
+    for name, module in (("select", select), ("eval", evaluation), ("saelens", saelens)):
+        if name in results:
+            print()
+            module.report(results[name])
     h, t, i = results["harvest"], results["train"], results["latents"]
     codec = {c["dtype"]: c for c in h["codecs"] if c["codec"] == "zstd:1"}  # the default codec, every dtype
     best, default = t["best"], t["steps"][t["default"]]
@@ -69,6 +80,19 @@ def main() -> None:
         ),
         ("inspect pass vs SAE encode alone", i["pass_vs_encode"], f"{i['pass_rows_s']:,.0f} rows/s, m {i['m']:,}"),
     ]
+    for s in results["select"]["shapes"]:
+        shape = f"{s['name']}, m {s['m']:,}, B {s['batch']:,}"
+        rows.append(
+            ("BatchTopK selection vs before", s["select_vs_before"], f"{shape}, {s['select_ms']['now']:.0f} ms")
+        )
+        rows.append(
+            ("train step vs before the selection", s["step_vs_before"], f"{shape}, {s['step_tok_s']['now']:,.0f} tok/s")
+        )
+    for e in results["eval"]["rows"]:
+        rows.append((f"eval from the site vs full passes, {e['saes']} SAEs", e["ratio"], f"resid_pre {e['layer']}"))
+    for arch, s in results.get("saelens", {}).get("archs", {}).items():
+        fvus = f"FVU {s['ours']['fvu']:.3f} vs {s['sae_lens']['fvu']:.3f}"
+        rows.append((f"{arch} train tok/s vs SAELens", s["tok_s_ratio"], f"{s['ours']['tok_s']:,.0f} tok/s, {fvus}"))
     print(f"\nsummary on {h['device']} (harvest) and {t['device']} (train)")
     print(f"{'figure':42} {'ratio':>7}  absolute")
     for name, ratio, absolute in rows:
