@@ -23,7 +23,7 @@ def remember_sae(sae, *args, **kwargs):
 trainer.train_step = remember_sae
 
 cfg = TrainConfig(arch=("batchtopk",), k=(4,), dict_size=(64,), batch_size=64, device="cpu", log_every=4,
-                  checkpoint_every=8, holdout_chunks=0, out=Path(sys.argv[2]))
+                  checkpoint_every=8, holdout_chunks=1, out=Path(sys.argv[2]))
 trainer.run_training(cfg, Path(sys.argv[1]))
 weights = torch.cat([p.detach().flatten() for p in stepped["sae"].parameters()])
 gathered = [torch.zeros_like(weights) for _ in range(dist.get_world_size())]
@@ -50,7 +50,8 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (runs / "ranks_equal").read_text() == "True"
     cfg = json.loads((runs / "batchtopk_k4_m64" / "cfg.json").read_text())
-    assert cfg["tokens"] == cfg["step"] * 64 * 2 == 8 * 256  # two ranks' shares cover the cache once
+    assert cfg["tokens"] == cfg["step"] * 64 * 2 == 7 * 256  # two ranks' shares cover the training chunks once
+    assert cfg["theta"] > 0  # calibrated once on the held-out chunk, the same on both ranks
 
 
 def free_port() -> int:
