@@ -1,4 +1,4 @@
-"""`sae cache ls | info | verify | unlock`."""
+"""`sae cache ls | info | verify | unlock | convert`."""
 
 import json
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from sae.cache.convert import convert
 from sae.cache.lock import unlock
 from sae.cache.store import default_cache_root, list_caches, open_cache
 from sae.cache.verify import describe, verify
@@ -13,7 +14,7 @@ from sae.config import apply_storage_options, read_pipeline_toml
 from sae.errors import UserError
 from sae.progress import console, make_progress
 
-cache_app = typer.Typer(no_args_is_help=True, help="List, describe, verify and unlock activation caches.")
+cache_app = typer.Typer(no_args_is_help=True, help="List, describe, verify, unlock and convert activation caches.")
 
 
 CONFIG = typer.Option(None, "--config", help="pipeline.toml to read (default: ./pipeline.toml if present).")
@@ -84,3 +85,17 @@ def unlock_command(path: str, config: Path = CONFIG):
     apply_storage_options(config)
     unlock(path)
     console.print(f"unlocked {path}")
+
+
+@cache_app.command("convert")
+def convert_command(
+    path: str,
+    dtype: str = typer.Option(..., help="Storage dtype of the copy: float32, float16, bfloat16, int8, float8_e4m3."),
+    codec: str = typer.Option(None, help="Compression of the copy (default: the source's), e.g. zstd:1."),
+    cache_dir: str = typer.Option(None, help="Root to write the copy under, a path or URL (default: the source's)."),
+    config: Path = CONFIG,
+):
+    """Copy a cache into another storage dtype (e.g. float16 to int8) without re-running the model.
+    Resumable; prints the new cache's path."""
+    apply_storage_options(config)
+    print(convert(path, dtype, codec, cache_dir))

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from sae.cache.convert import require_stream
 from sae.cache.store import Cache
 from sae.config import to_jsonable
 from sae.errors import UserError
@@ -85,7 +86,7 @@ def _evaluate_group(runs: list[Run], loaded: LoadedModel, cfg: EvalConfig, devic
     cache, layer = runs[0].cache, runs[0].layer
     for run in runs:
         _check_model(run, loaded)
-    plan, source = eval_plan(cfg, cache.spec, cache.meta["stream_end"], str(cache.path))
+    plan, source = eval_plan(cfg, cache.spec, require_stream(cache.meta["stream_end"], cache.path), str(cache.path))
     tokens_CT, plan = heldout_tokens(plan, source, loaded.tokenizer)
     plan["model_revision"] = loaded.revision
     saes = [load_sae(run.path, device) for run in runs]

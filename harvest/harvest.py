@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sae.cache.codecs import DIM_SCALED, DTYPES, StoredRows, decode_rows, dim_scale, encode_rows, is_scaled
+from sae.cache.convert import require_stream
 from sae.cache.lock import LOCK_NAME, writer_lock
 from sae.cache.spec import cache_dir_name
 from sae.cache.store import (
@@ -123,7 +124,7 @@ def _harvest_chunks(
     """Rounds of ranks.world chunks, each rank forwarding and writing one chunk of every round; rank 0
     commits the written chunks in order after each round."""
     ctx_len, chunk_contexts, rank = cfg.ctx_len, cfg.chunk_contexts, ranks.rank
-    first_chunk, position = writer.resume["chunk_index"], writer.resume["stream"]
+    first_chunk, position = writer.resume["chunk_index"], require_stream(writer.resume["stream"], writer.location.url)
     documents = iter_documents(dataset, cfg.text_column, cfg.seed, start_doc=position["doc"])
     token_docs = iter_token_docs(documents, loaded.tokenizer, loaded.bos_token_id, first_doc=position["doc"])
     contexts = iter_contexts(token_docs, ctx_len, cfg.packing, loaded.bos_token_id, position)

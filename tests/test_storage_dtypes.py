@@ -102,3 +102,43 @@ def test_the_gpu_form_of_the_loader_decodes_to_the_cpu_form(caches):
     rows = torch.cat([read_rows(cache, 1, c, gate).values_RD for c in loader.block_chunks(0, 0)])
     assert batch.dtype == torch.float32 and all((row == rows).all(1).any() for row in batch)
     assert isinstance(compact, StoredRows)
+
+
+def test_converting_the_float32_cache_re_encodes_the_same_harvest_and_a_half_conversion_is_refused(caches, tmp_path):
+    """`sae cache convert` re-encodes what the model produced: float16 from the exact float32 rows is the
+    rounding of those rows to the bit; int8 is within int8's error (its s_dim comes from the whole first
+    chunk, where a harvest takes its first batch); stream positions and tokens are the source's."""
+    import shutil
+
+    from sae.cache.convert import convert
+    from sae.cache.store import acts_name, chunk_file
+    from sae.errors import UserError
+
+    source = open_cache(caches["float32"])
+    exact = arrays(caches["float32"])
+    for dtype, median_bound in (("float16", 1e-3), ("int8", 0.02)):
+        copy = open_cache(convert(caches["float32"], dtype, cache_root=tmp_path / "converted"))
+        assert copy.spec == {**source.spec, "dtype": dtype} and copy.meta["converted_from"]["dtype"] == "float32"
+        assert [copy.meta[k] for k in ("n_contexts", "resume", "stream_end")] == [
+            source.meta[k] for k in ("n_contexts", "resume", "stream_end")
+        ]
+        rows = arrays(copy.path)
+        np.testing.assert_array_equal(rows["tokens"], exact["tokens"])
+        x, x_hat = torch.from_numpy(exact["acts/1"]), torch.from_numpy(rows["acts/1"]).float()
+        if dtype == "float16":
+            assert torch.equal(x_hat, x.half().float())
+        assert 0 < float(((x_hat - x).norm(dim=1) / x.norm(dim=1)).median()) < median_bound
+        np.testing.assert_allclose(copy.stats(1)["mean_D"], x_hat.double().mean(0).numpy(), rtol=1e-9, atol=1e-9)
+
+    # A source chunk that cannot be read stops the conversion after the chunks before it; the copy
+    # then has no stream position to give, so harvest and eval refuse it until convert is rerun.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(source.path, damaged / source.location.name)
+    chunk_file(damaged / source.location.name, acts_name(1), 1).unlink()
+    with pytest.raises(UserError, match="missing chunk"):
+        convert(damaged / source.location.name, "bfloat16")
+    half = open_cache(next(p for p in damaged.iterdir() if p.name != source.location.name))
+    assert half.n_contexts == source.chunk_contexts and half.meta["stream_end"] is None
+    with pytest.raises(UserError, match="conversion still under way"):
+        made = source.meta["harvest_config"]
+        harvest(small_config(made["model"], made["dataset"], damaged, dtype="bfloat16", tokens=32 * 80))
