@@ -52,6 +52,8 @@ class ScanResult(NamedTuple):
 
 
 EMPTY = 2**31 - 1  # the cost of an empty slot: above every entry's
+# Gathers and scatters go through index_select / masked_select / index_copy_: on CPU they run 10-15×
+# faster than advanced indexing (`a[idx]`, `a[mask]`), which dominated the pass when it was written so.
 QUEUE = 2  # a merge when the queue holds QUEUE × (the table's size) entries: a merge costs a sort of both
 
 
@@ -89,11 +91,11 @@ class KeepBest:
 
     def passes(self, cols_N: Tensor, costs_N: Tensor) -> Tensor:
         """[N] bool: the entries that beat their latent's k-th best as of the last merge."""
-        return costs_N < self.cost_MK[cols_N, -1]
+        return costs_N < self.cost_MK[:, -1].contiguous().index_select(0, cols_N)
 
     def window_passes(self, cols_N: Tensor, costs_N: Tensor) -> Tensor:
         """[N] bool: the entries that may end in a windowed slot."""
-        return costs_N < self.cost_MK[cols_N, self.windowed - 1]
+        return costs_N < self.cost_MK[:, self.windowed - 1].contiguous().index_select(0, cols_N)
 
     def add(self, cols_n: Tensor, costs_n: Tensor, values_n: Tensor, rows_n: Tensor, windows_wW: Tensor,
             has_window_n: Tensor) -> None:  # fmt: skip
@@ -115,30 +117,38 @@ class KeepBest:
         touched_T = cols_n.unique()
         # The touched latents' kept entries go first: the stable sort keeps them ahead of equal newcomers.
         all_cols = torch.cat([touched_T.repeat_interleave(self.k), cols_n])
-        all_costs = torch.cat([self.cost_MK[touched_T].flatten(), costs_n])
+        all_costs = torch.cat([self.cost_MK.index_select(0, touched_T).flatten(), costs_n])
         # One sort by (latent, cost) as a float64 key, exact below 2^53 (m < 2^22); torch's CPU sort
         # runs float64 far faster than int64 (see train.sparse.sum_by_column).
         order = (all_cols.double() * 2**31 + all_costs.double()).sort(stable=True).indices
-        sorted_cols = all_cols[order]
+        sorted_cols = all_cols.index_select(0, order)
         position = torch.arange(len(order), device=order.device)
         starts = torch.ones_like(sorted_cols, dtype=torch.bool)
         starts[1:] = sorted_cols[1:] != sorted_cols[:-1]
         rank = position - torch.where(starts, position, 0).cummax(0).values
         keep = rank < self.k  # every touched latent has exactly k entries here: all its slots are rewritten
-        src, col, slot = order[keep], sorted_cols[keep], rank[keep]
+        src, col, slot = order.masked_select(keep), sorted_cols.masked_select(keep), rank.masked_select(keep)
         # Payloads are gathered only for the kept entries: from the old table or from the queue.
         n_old = len(touched_T) * self.k
         from_old = src < n_old
         old = src.clamp(max=n_old - 1)
-        old_col, old_slot, new = touched_T[old // self.k], old % self.k, (src - n_old).clamp(min=0)
-        self.value_MK[col, slot] = torch.where(from_old, self.value_MK[old_col, old_slot], values_n[new])
-        self.row_MK[col, slot] = torch.where(from_old, self.row_MK[old_col, old_slot], rows_n[new])
-        w = slot < self.windowed  # an old entry in a windowed slot was in one before
-        windows_wW = torch.cat([windows_wW, windows_wW.new_zeros(1, windows_wW.shape[1])])  # −1: a blank row
-        from_old_w, window_at = from_old[w], window_at_n[new[w]]
-        old_windows = self.window_MPW[old_col[w], old_slot[w].clamp(max=self.windowed - 1)]
-        self.window_MPW[col[w], slot[w]] = torch.where(from_old_w[:, None], old_windows, windows_wW[window_at])
-        self.cost_MK[col, slot] = all_costs[src]
+        old_at = touched_T.index_select(0, old // self.k) * self.k + old % self.k  # flat [m·k] slots
+        new = (src - n_old).clamp(min=0)
+        at = col * self.k + slot
+        for table, queued in ((self.value_MK, values_n), (self.row_MK, rows_n)):
+            flat = table.view(-1)
+            flat.index_copy_(0, at, torch.where(from_old, flat.index_select(0, old_at), queued.index_select(0, new)))
+        w = (slot < self.windowed).nonzero().squeeze(1)  # an old entry in a windowed slot was in one before
+        blank = windows_wW.new_zeros(1, windows_wW.shape[1])
+        windows_wW = torch.cat([windows_wW, blank])  # window_at −1 (no window) reads this blank row
+        window_at = window_at_n.index_select(0, new.index_select(0, w)).remainder(len(windows_wW))
+        old_col_w = old_at.index_select(0, w) // self.k
+        old_slot_w = (old_at.index_select(0, w) % self.k).clamp(max=self.windowed - 1)
+        windows_flat = self.window_MPW.view(-1, self.window_MPW.shape[2])
+        old_windows = windows_flat.index_select(0, old_col_w * self.windowed + old_slot_w)
+        chosen = torch.where(from_old.index_select(0, w)[:, None], old_windows, windows_wW.index_select(0, window_at))
+        windows_flat.index_copy_(0, col.index_select(0, w) * self.windowed + slot.index_select(0, w), chosen)
+        self.cost_MK.view(-1).index_copy_(0, at, all_costs.index_select(0, src))
 
     def result(self) -> Kept:
         self.merge()
@@ -178,9 +188,10 @@ class Scanner:
             latents_RM.masked_fill_(gated_R[:, None], 0)
             self.rows_gated += gated_R.sum()
         self.rows += R
-        flat_N = latents_RM.view(-1).nonzero().squeeze(1)  # row-major: in row order (flat: faster on CPU)
+        flat_latents = latents_RM.view(-1)
+        flat_N = flat_latents.nonzero().squeeze(1)  # row-major: in row order (flat: faster on CPU)
         local_N, cols_N = flat_N // self.sae.m, flat_N % self.sae.m
-        values_N = latents_RM.view(-1)[flat_N]
+        values_N = flat_latents.index_select(0, flat_N)
         self.count_M += torch.bincount(cols_N, minlength=self.sae.m)
         self.sum_M.index_add_(0, cols_N, values_N.double())
         self.max_M.scatter_reduce_(0, cols_N, values_N, "amax")
@@ -191,18 +202,23 @@ class Scanner:
         sample_window_N = self.sample.window_passes(cols_N, sample_cost_N)  # ⊆ sample_N
         # Windows once for the entries that need one: [w, W], this latent's activations around each.
         window_w = (top_N | sample_window_N).nonzero().squeeze(1)
-        rows_w, cols_w = local_N[window_w], cols_N[window_w]
+        rows_w, cols_w = local_N.index_select(0, window_w), cols_N.index_select(0, window_w)
         at_wW = rows_w[:, None] + self.offsets_W
-        pos_wW = positions_R[rows_w][:, None] + self.offsets_W
+        pos_wW = positions_R.index_select(0, rows_w)[:, None] + self.offsets_W
         inside_wW = (pos_wW >= 0) & (pos_wW < self.ctx_len)  # whole contexts: inside means in this batch
-        windows_wW = latents_RM.view(-1)[at_wW.clamp(0, R - 1) * self.sae.m + cols_w[:, None]] * inside_wW
+        at_flat = (at_wW.clamp(0, R - 1) * self.sae.m + cols_w[:, None]).view(-1)
+        windows_wW = flat_latents.index_select(0, at_flat).view(at_wW.shape) * inside_wW
         rows_N = local_N + row0
-        take_n = top_N.nonzero().squeeze(1)
-        self.top.add(cols_N[take_n], top_cost_N[take_n], values_N[take_n], rows_N[take_n], windows_wW[top_N[window_w]],
-                     torch.ones_like(take_n, dtype=torch.bool))  # fmt: skip
-        take_n = sample_N.nonzero().squeeze(1)
-        self.sample.add(cols_N[take_n], sample_cost_N[take_n], values_N[take_n], rows_N[take_n],
-                        windows_wW[sample_window_N[window_w]], sample_window_N[take_n])  # fmt: skip
+        for keeper, passed_N, cost_N, windowed_N in (
+            (self.top, top_N, top_cost_N, top_N),
+            (self.sample, sample_N, sample_cost_N, sample_window_N),
+        ):
+            take_n = passed_N.nonzero().squeeze(1)
+            with_window_w = windowed_N.index_select(0, window_w).nonzero().squeeze(1)
+            keeper.add(
+                *(t.index_select(0, take_n) for t in (cols_N, cost_N, values_N, rows_N)),
+                windows_wW.index_select(0, with_window_w), windowed_N.index_select(0, take_n),
+            )  # fmt: skip
 
     def result(self) -> ScanResult:
         return ScanResult(

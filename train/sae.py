@@ -140,7 +140,8 @@ class SparseAutoencoder(nn.Module):
             select = select_topk if self.spec.arch == "topk" else select_batchtopk
             return densify(select(pre_BM, self.spec.k), *pre_BM.shape)
         if self.spec.arch in ("batchtopk", "jumprelu"):
-            return pre_BM * (pre_BM > (self.threshold_M() if theta is None else theta))
+            # where, not a product with the mask: half the time on CPU, and +0 (not −0) below θ
+            return torch.where(pre_BM > (self.threshold_M() if theta is None else theta), pre_BM, 0.0)
         return pre_BM
 
     def decode(self, latents_BM: Tensor) -> Tensor:
