@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtypes", default="float16,bfloat16,int8,float8_e4m3")
     parser.add_argument("--tokens", default="1e6")
-    parser.add_argument("--eval-tokens", default="32768")
+    parser.add_argument("--eval-tokens", default="16384")
     args = parser.parse_args()
     rows = run(args.out, args.dtypes.split(","), args.tokens, args.eval_tokens)
     (args.out / "storage_study.json").write_text(json.dumps(rows, indent=1))
