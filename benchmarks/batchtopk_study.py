@@ -24,10 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # (name, what it is, sae train flags)
 TREATMENTS = {
-    "a": ("every row, dataset-wide scale (the default)", []),
-    "b": ("every row, per-sample standardisation (the reference code)", ["--normalize", "standardize"]),
-    "c": ("BOS and first position gated", ["--gate-bos", "--gate-first"]),
-    "d": ("norm gate 4× the median", ["--gate-norm", "4"]),
+    "a": ("every row, dataset-wide scale", ["--gate-norm", "0"]),
+    "b": (
+        "every row, per-sample standardisation (the reference code)",
+        ["--normalize", "standardize", "--gate-norm", "0"],
+    ),
+    "c": ("BOS and first position gated", ["--gate-bos", "--gate-first", "--gate-norm", "0"]),
+    "d": ("norm gate 4× the median (the default)", ["--gate-norm", "4"]),
 }
 EVAL_GATE_NORM = "4"
 

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from sae.config import check_positive
+from sae.config import check_gate_norm, check_positive
 from sae.errors import UserError
 
 
@@ -34,7 +34,7 @@ class EvalConfig:
     """Add each context's first position to every SAE's gate for this evaluation."""
     gate_norm: float | None = None
     """Add rows above this multiple of the cache's median row norm to every SAE's gate, e.g. 4: runs
-    trained with and without a gate are then scored on the same rows."""
+    trained with and without a gate are then scored on the same rows. None or 0: each SAE's own gate."""
     batch_mode: bool = False
     """Also evaluate BatchTopK runs in batch mode (top B·k over each forward pass's rows), beside the
     headline θ mode (the saved per-latent threshold, batch-independent)."""
@@ -51,9 +51,6 @@ class EvalConfig:
             check_positive(name, getattr(self, name))
         if self.start_doc is not None and self.start_doc < 0:
             raise UserError(f"start_doc must be >= 0, got {self.start_doc}")
-        if self.gate_norm is not None and not self.gate_norm > 1:
-            raise UserError(
-                f"gate_norm must be above 1 (a multiple of the median row norm, e.g. 4), got {self.gate_norm}"
-            )
+        check_gate_norm(self.gate_norm)
         if not 0 < self.dense_threshold < 1:
             raise UserError(f"dense_threshold must be in (0, 1), got {self.dense_threshold}")

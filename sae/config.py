@@ -100,6 +100,14 @@ def check_choice(name: str, value: str, choices) -> None:
         raise UserError(f"unknown {name} '{value}'; choose one of {', '.join(choices)}")
 
 
+def check_gate_norm(value: float | None) -> None:
+    """A norm gate's ratio: above 1 (a multiple of the median row norm), or 0 / None for no norm gate."""
+    if value and not value > 1 or value is not None and value < 0:
+        raise UserError(
+            f"gate_norm must be above 1 (a multiple of the median row norm, e.g. 4), or 0 for none; got {value}"
+        )
+
+
 def check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise UserError(f"{name} must be positive, got {value}")

@@ -141,6 +141,7 @@ def short_runs(massive, tmp_path_factory) -> list[Path]:
         (["calibrate", "{topk}"], "is a topk SAE; only BatchTopK has a θ to calibrate"),
         (["calibrate", "{btk}", "--l0", "500"], "target L0 must be in (0, 96), got 500"),
         (["train", "--cache", "{cache}", "--gate-norm", "0.5"], "gate_norm must be above 1"),
+        (["train", "--cache", "{cache}", "--gate-norm", "-4"], "or 0 for none; got -4.0"),
         (["train", "--cache", "{cache}", "--theta", "mean"], "unknown theta 'mean'; choose one of calibrated, eq7"),
         (["train", "--cache", "{cache}", "--epochs", "0"], "epochs must be positive, got 0.0"),
         (["train", "--cache", "{cache}", "--snapshots", "1e3,x"], "expected a count like 1e6, got 'x'"),
@@ -158,6 +159,17 @@ def test_bad_values_of_the_new_flags_are_one_line_errors(massive, short_runs, tm
     monkeypatch.chdir(tmp_path)  # no pipeline.toml
     code, out, err = run_sae(monkeypatch, capsys, *[a.format(**names) for a in args])
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_the_default_gate_is_4x_the_median_norm_and_0_turns_it_off(massive, short_runs, tmp_path):
+    path, massive_R = massive
+    held_R = massive_R[(CHUNKS - 1) * open_cache(path).chunk_rows :]
+    default = json.loads((short_runs[0] / "cfg.json").read_text())  # trained without a gate_norm given
+    assert default["metadata"]["gate"]["norm_ratio"] == 4 and default["heldout"]["rows_gated"] == int(held_R.sum())
+    (btk,) = run_training(small_config(tmp_path, arch=("batchtopk",), gate_norm=0, tokens=128 * 5), path)
+    every_row = json.loads((btk / "cfg.json").read_text())
+    assert every_row["metadata"]["gate"]["max_norm"] is None and every_row["heldout"]["rows_gated"] == 0
+    assert every_row["heldout"]["rows"] == len(held_R)
 
 
 def test_epochs_run_past_one_pass_and_resume_mid_epoch_bit_identically(massive, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sae.config import check_choice, check_keys, check_positive
+from sae.config import check_choice, check_gate_norm, check_keys, check_positive
 from sae.errors import UserError
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
@@ -95,9 +95,10 @@ class TrainConfig:
     """Gate BOS rows: left out of training, passed through unchanged at inference and evaluation."""
     gate_first: bool = False
     """Gate the first position of every context (the same way as gate_bos)."""
-    gate_norm: float | None = None
-    """Gate rows whose norm exceeds this multiple of the cache's median row norm, e.g. 4: the
-    massive-norm rows (attention sinks), whatever their token or position."""
+    gate_norm: float = 4.0
+    """Gate rows whose norm exceeds this multiple of the cache's median row norm: the massive-norm rows
+    (attention sinks), whatever their token or position; 0: no norm gate. The default 4 is the BatchTopK
+    study's choice (docs/results.md): gated, BatchTopK beats TopK at equal L0 from the first pass."""
     theta: str = "calibrated"
     """BatchTopK's saved inference threshold: calibrated (chosen on the held-out rows so that their
     mean L0 is k: comparisons with TopK are at equal L0) or eq7 (the paper's estimate from training
@@ -147,10 +148,7 @@ class TrainConfig:
             raise UserError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 < self.theta_tail <= 1:
             raise UserError(f"theta_tail must be in (0, 1], got {self.theta_tail}")
-        if self.gate_norm is not None and not self.gate_norm > 1:
-            raise UserError(
-                f"gate_norm must be above 1 (a multiple of the median row norm, e.g. 4), got {self.gate_norm}"
-            )
+        check_gate_norm(self.gate_norm)
         check_choice("theta", self.theta, THETAS)
         check_positive("epochs", self.epochs)
         for tokens in self.snapshots:

@@ -97,6 +97,7 @@ def sample_chunks(cache: Cache, chunks: list[int]) -> list[int]:
 def build_gate(cache: Cache, layer: int, bos: bool, first: bool, norm_ratio: float | None) -> Gate:
     """A gate over this cache's rows; the norm gate's median comes from a sample of the cache."""
     median_norm = None
+    norm_ratio = norm_ratio or None  # 0: no norm gate
     if norm_ratio is not None:
         norms = [cache.read_acts(layer, c).float().norm(dim=1) for c in sample_chunks(cache, range(cache.n_chunks))]
         median_norm = float(torch.cat(norms).median())
