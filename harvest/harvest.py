@@ -146,7 +146,7 @@ def _harvest_chunks(
     if cfg.dtype in DIM_SCALED and dim_scales is None:  # the cache's first batch fixes s_dim, on rank 0
         first = list(itertools.islice(contexts, cfg.batch_contexts))
         contexts = itertools.chain(first, contexts)
-        if rank == 0:
+        if rank == 0 and first:  # no context at all: nothing will be written, and the harvest says so
             ids_BT = torch.from_numpy(np.stack([context for context, _ in first])).to(device).long()
             acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
             dim_scales = {layer: dim_scale(acts_BTD.flatten(0, 1)).cpu() for layer, acts_BTD in acts.items()}

@@ -47,12 +47,13 @@ def cache_path(tiny_gpt2, sample_parquet, tmp_path):
 def test_info_describes_the_format(cache_path):
     info = describe(open_cache(cache_path))
     assert info["layers"] == [1] and info["site"] == "resid_pre" and info["ctx_len"] == 32
-    assert info["d_model"] == 32 and info["rows"] == 40 * 32 and info["dtype"] == "float16"
+    assert info["d_model"] == 32 and info["rows"] == 40 * 32 and info["dtype"] == "int8"  # the default
     import zarr
 
     group = zarr.open_group(cache_path, mode="r")  # plain zarr reads it, as the README says
     assert group[info["arrays"]["tokens"]].shape == (40, 32)
     assert group[info["arrays"]["acts"]["1"]].shape == (40 * 32, 32)
+    assert group[info["arrays"]["scales"]["1"]].shape == (40 * 32,)  # int8's row scales
     json.dumps(info)
 
 

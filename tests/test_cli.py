@@ -35,9 +35,9 @@ def test_harvest_then_cache_commands(monkeypatch, capsys, tiny_gpt2, sample_parq
     assert code == 0 and "1,280" in err
     code, _, err = run_sae(monkeypatch, capsys, "cache", "verify", path)
     assert code == 0 and "all good" in err
-    code, out, _ = run_sae(monkeypatch, capsys, "cache", "convert", path, "--dtype", "int8")
+    code, out, _ = run_sae(monkeypatch, capsys, "cache", "convert", path, "--dtype", "float16")
     converted = json.loads(run_sae(monkeypatch, capsys, "cache", "info", "--json", out.strip())[1])
-    assert code == 0 and converted["dtype"] == "int8" and converted["rows"] == 1280
+    assert code == 0 and converted["dtype"] == "float16" and converted["rows"] == 1280
     code, _, err = run_sae(monkeypatch, capsys, "cache", "convert", path, "--dtype", "int4")
     assert code == 1 and err.startswith("error: unknown storage dtype 'int4'")
 

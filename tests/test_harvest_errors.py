@@ -96,7 +96,7 @@ def test_non_finite_activations_commit_nothing(tiny_gpt2, sample_parquet, tmp_pa
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "huge" / name).write_bytes((tiny_gpt2 / name).read_bytes())
     with pytest.raises(UserError, match=r"non-finite activations \(NaN/inf\) at layer 1 in contexts 0..15"):
-        harvest(small_config(tmp_path / "huge", sample_parquet, tmp_path))
+        harvest(small_config(tmp_path / "huge", sample_parquet, tmp_path, dtype="float16"))
 
 
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
