@@ -92,7 +92,7 @@ def collect(out: Path) -> list[dict]:
             "k": cfg["sae"]["k"], "dict_size": cfg["sae"]["dict_size"], "tokens": cfg["tokens"],
             "epochs": cfg["epochs"], "l0": result["l0_mean"], "l0_stderr": result["l0_mean_stderr"],
             "l0_eq7": result.get("theta_eq7", {}).get("l0_mean"), "gated_fraction": result["gated_fraction"],
-            "dead": result["dead_latents"], "dir": str(d),
+            "dead": result["dead_latents"], "dir": str(d.relative_to(out)),
         }  # fmt: skip
         for key, where, _ in METRICS:
             source = result[where] if where else result
