@@ -140,7 +140,42 @@ def report(out: Path, docs: Path) -> None:
         )  # fmt: skip
     (docs / "table.md").write_text("\n".join(lines) + "\n")
     plot_gaps(gap_rows, docs / "gap_vs_tokens.png")
+    plot_against_l0(rows, docs / "figure1.png")
     print(docs)
+
+
+def plot_against_l0(rows: list[dict], path: Path, treatment: str = "d") -> None:
+    """The paper's Figure 1: each metric against L0 for every k, one line per architecture, at the
+    shortest training length that has more than one k (every k trained the same tokens)."""
+    ks_at = {}
+    for r in rows:
+        if r["treatment"] == treatment:
+            ks_at.setdefault(r["tokens"], set()).add(r["k"])
+    lengths = [t for t, ks in sorted(ks_at.items()) if len(ks) > 1]
+    if not lengths:
+        return
+    tokens = lengths[0]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
+    for ax, (key, where, label) in zip(axes, METRICS, strict=True):
+        name = f"{key}_{where}" if where else key
+        for arch in ("batchtopk", "topk"):
+            points = sorted(
+                (r for r in rows if (r["treatment"], r["tokens"], r["arch"]) == (treatment, tokens, arch)),
+                key=lambda r: r["l0"],
+            )
+            ax.errorbar(
+                [r["l0"] for r in points], [r[name] for r in points], yerr=[r[name + "_stderr"] for r in points],
+                marker="o", capsize=3, label=arch,
+            )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (ungated evaluation rows)")
+        ax.set_title(label, fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle(f"({treatment}) {TREATMENTS[treatment][0]}, {tokens:,} training tokens, m = 4,608, SmolLM2 layer 6")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_gaps(gap_rows: list[dict], path: Path) -> None:
