@@ -67,11 +67,14 @@ def convert(
     try:
         with writer_lock(location):
             writer = open_writer(location, spec, storage, source.d_model, provenance)
-            _copy_chunks(source, writer, dtype)
+            try:
+                _copy_chunks(source, writer, dtype)
+            finally:  # as a harvest does: a cache this run created and committed nothing to is removed
+                if fresh and writer.n_contexts == 0:
+                    location.remove_all(keep=LOCK_NAME)
     except BaseException:
-        if fresh and not is_cache(location):
-            location.remove_all(keep=LOCK_NAME)
-            location.prune()
+        if fresh:
+            location.prune()  # the empty directory, unless another writer has taken the lock since
         raise
     return location.url
 

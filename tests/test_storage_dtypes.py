@@ -139,6 +139,10 @@ def test_converting_the_float32_cache_re_encodes_the_same_harvest_and_a_half_con
         convert(damaged / source.location.name, "bfloat16")
     half = open_cache(next(p for p in damaged.iterdir() if p.name != source.location.name))
     assert half.n_contexts == source.chunk_contexts and half.meta["stream_end"] is None
+    chunk_file(damaged / source.location.name, acts_name(1), 0).unlink()  # now nothing can be converted
+    with pytest.raises(UserError, match="missing chunk"):
+        convert(damaged / source.location.name, "float16")
+    assert sorted(p.name for p in damaged.iterdir()) == sorted([source.location.name, half.location.name])
     with pytest.raises(UserError, match="conversion still under way"):
         made = source.meta["harvest_config"]
         harvest(small_config(made["model"], made["dataset"], damaged, dtype="bfloat16", tokens=32 * 80))
