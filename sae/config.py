@@ -102,7 +102,7 @@ def check_choice(name: str, value: str, choices) -> None:
 
 def check_gate_norm(value: float | None) -> None:
     """A norm gate's ratio: above 1 (a multiple of the median row norm), or 0 / None for no norm gate."""
-    if value and not value > 1 or value is not None and value < 0:
+    if value and not value > 1:  # 0 and None are "no gate"; a negative value is refused here too
         raise UserError(
             f"gate_norm must be above 1 (a multiple of the median row norm, e.g. 4), or 0 for none; got {value}"
         )
