@@ -1,11 +1,13 @@
 """The `sae inspect` pass against its limit, the SAE encode alone, on the same rows in the same run.
 
-    python -m benchmarks.latents                   # CPU: SmolLM2-135M's d 576, m 2304, k 32, 16k rows
-    python -m benchmarks.latents --m 24576 --rows 262144 --d 768    # a GPU: GPT-2 small's d, m 24k
+    python -m benchmarks.latents                   # CPU: SmolLM2-135M's d 576, m 2304, k 32, 1M rows
+    python -m benchmarks.latents --rows 16384      # the first batches only: every latent's tables filling
+    python -m benchmarks.latents --m 24576 --d 768 --batch-rows 65536   # a GPU: GPT-2 small's d, m 24k
 
-Rows are planted sparse features (train.synthetic) in a float16 zstd cache, as harvests write them;
+Rows are planted sparse features (train.synthetic) in an int8 zstd cache, as harvests write them;
 the SAE is a random BatchTopK one with θ calibrated to L0 = k. Three rates, rows/s:
-  encode   normalise + encode of batches already in memory: the limit of any pass over the rows
+  encode   the SAE's encode (dense latents, as deployed) of batches already in memory: the limit of
+           any pass over the rows
   update   the pass's per-batch work on the same in-memory batches (encode, nonzero, the top-k and
            sample merges, the windows): "bound by the encode" is a ratio near 1
   pass     the whole pass from the cache (read, decode, batches, progress bar), as `sae inspect` runs it
@@ -24,7 +26,7 @@ import torch
 from benchmarks.mfu import peak_flops
 from sae.cache.store import open_cache
 from sae.inspect.config import InspectConfig
-from sae.inspect.scan import Scanner, encode_latents, plan_rows, scan
+from sae.inspect.scan import Scanner, plan_rows, scan
 from sae.train.config import SAESpec
 from sae.train.sae import SparseAutoencoder
 from sae.train.synthetic import planted_acts, write_cache
@@ -43,7 +45,7 @@ def timed(fn, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def measure(d: int = 576, m: int = 2304, k: int = 32, rows: int = 16_384, batch_rows: int = 4096) -> dict:
+def measure(d: int = 576, m: int = 2304, k: int = 32, rows: int = 1_048_576, batch_rows: int = 4096) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = max(CTX_LEN, rows // CTX_LEN * CTX_LEN)
     # in pieces: planted_acts holds [rows, 4d] int64 ranks, 6 GB at 262k rows of d 768
@@ -58,20 +60,20 @@ def measure(d: int = 576, m: int = 2304, k: int = 32, rows: int = 16_384, batch_
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "d": d, "m": m, "k": k}
     result.update(rows=rows, batch_rows=batch, threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
 
-    def encode_all() -> None:
-        for x in batches:
-            encode_latents(sae, x)
+    def encode_all(n_batches: int = len(batches)) -> None:
+        for x in batches[:n_batches]:
+            sae.encode(x)
 
-    def update_all() -> None:
+    def update_all(n_batches: int = len(batches)) -> None:
         scanner = Scanner(sae, cfg, CTX_LEN, device)
-        for i, (x, t) in enumerate(zip(batches, tokens, strict=True)):
+        for i, (x, t) in enumerate(zip(batches[:n_batches], tokens, strict=False)):
             scanner.update(x, t, i * batch)
         scanner.result()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cache = open_cache(write_cache(Path(tmp), acts_RD, CTX_LEN, CHUNK_CONTEXTS, dtype="float16", codec="zstd:1"))
+        cache = open_cache(write_cache(Path(tmp), acts_RD, CTX_LEN, CHUNK_CONTEXTS, dtype="int8", codec="zstd:1"))
         plan = plan_rows(cache, [], cache.rows)
-        encode_all(), update_all()  # warm-up: first allocations and kernels
+        encode_all(4), update_all(4)  # warm-up: first allocations and kernels
         # Best of two rounds of each, interleaved: a shared machine's load drifts during the run.
         times = {"encode": [], "update": [], "pass": []}
         for _ in range(2):
@@ -105,7 +107,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--m", type=int, default=2304)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--rows", type=int, default=16_384)
+    parser.add_argument("--rows", type=int, default=1_048_576)
     parser.add_argument("--batch-rows", type=int, default=4096)
     args = parser.parse_args()
     result = measure(args.d, args.m, args.k, args.rows, args.batch_rows)

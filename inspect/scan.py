@@ -155,9 +155,15 @@ class KeepBest:
         return Kept(self.value_MK.cpu().numpy(), self.row_MK.cpu().numpy(), self.window_MPW.float().cpu().numpy())
 
 
-def encode_latents(sae: SparseAutoencoder, x_RD: Tensor) -> Tensor:
-    """Dense latents [R, m] of raw rows, as reconstruct_rows encodes them (without the gate)."""
-    return sae.encode(normalize_input(x_RD, sae.input_mode)[0])
+def latent_scores(sae: SparseAutoencoder, x_RD: Tensor) -> tuple[Tensor, Tensor]:
+    """(z_RM, θ_M) for raw rows: the latents as deployed are z where z > θ, 0 elsewhere (θ ≥ 0). For
+    BatchTopK and JumpReLU z is the affine map, thresholded by the caller: the pass wants the active
+    entries only, and setting the rest of [R, m] to 0 first would cost a pass of its own. TopK and ReLU
+    give their latents with θ 0."""
+    x_RD = normalize_input(x_RD, sae.input_mode)[0]
+    if sae.spec.arch in ("batchtopk", "jumprelu"):
+        return sae.affine(x_RD), sae.threshold_M()
+    return sae.encode(x_RD), x_RD.new_zeros(sae.m)
 
 
 class Scanner:
@@ -182,16 +188,16 @@ class Scanner:
         x_RD = acts_RD.to(self.device, non_blocking=True).float()
         R = len(x_RD)
         positions_R = torch.arange(R, device=self.device) % self.ctx_len
-        latents_RM = encode_latents(self.sae, x_RD)
+        z_RM, theta_M = latent_scores(self.sae, x_RD)
         if not self.sae.gate.empty:  # gated rows are passed through: no latent is active on them
             gated_R = self.sae.gate.gated(x_RD, tokens_R, positions_R)
-            latents_RM.masked_fill_(gated_R[:, None], 0)
+            z_RM.masked_fill_(gated_R[:, None], 0)  # 0 is not above any θ
             self.rows_gated += gated_R.sum()
         self.rows += R
-        flat_latents = latents_RM.view(-1)
-        flat_N = flat_latents.nonzero().squeeze(1)  # row-major: in row order (flat: faster on CPU)
+        z_flat = z_RM.view(-1)
+        flat_N = (z_RM > theta_M).view(-1).nonzero().squeeze(1)  # row-major: in row order (flat: faster on CPU)
         local_N, cols_N = flat_N // self.sae.m, flat_N % self.sae.m
-        values_N = flat_latents.index_select(0, flat_N)
+        values_N = z_flat.index_select(0, flat_N)
         self.count_M += torch.bincount(cols_N, minlength=self.sae.m)
         self.sum_M.index_add_(0, cols_N, values_N.double())
         self.max_M.scatter_reduce_(0, cols_N, values_N, "amax")
@@ -207,7 +213,8 @@ class Scanner:
         pos_wW = positions_R.index_select(0, rows_w)[:, None] + self.offsets_W
         inside_wW = (pos_wW >= 0) & (pos_wW < self.ctx_len)  # whole contexts: inside means in this batch
         at_flat = (at_wW.clamp(0, R - 1) * self.sae.m + cols_w[:, None]).view(-1)
-        windows_wW = flat_latents.index_select(0, at_flat).view(at_wW.shape) * inside_wW
+        z_wW = z_flat.index_select(0, at_flat).view(at_wW.shape)
+        windows_wW = torch.where(inside_wW & (z_wW > theta_M.index_select(0, cols_w)[:, None]), z_wW, 0.0)
         rows_N = local_N + row0
         for keeper, passed_N, cost_N, windowed_N in (
             (self.top, top_N, top_cost_N, top_N),

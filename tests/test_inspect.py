@@ -16,7 +16,7 @@ from sae.cache.store import open_cache
 from sae.inspect.config import InspectConfig
 from sae.inspect.effects import final_norm, nearest_latents, norm_gain
 from sae.inspect.page import summary, write_page
-from sae.inspect.scan import Scanner, encode_latents, plan_rows, scan
+from sae.inspect.scan import Scanner, plan_rows, scan
 from sae.inspect.stage import inspect_data, inspect_pipeline_runs
 from sae.train.checkpoint import load_sae, read_run, run_cfg, save_run
 from sae.train.config import SAESpec
@@ -152,7 +152,7 @@ def test_streaming_top_k_equals_brute_force_on_real_activations(arch, queue, cac
     result = scan(sae, cache, 1, plan_rows(cache, [], cache.rows), cfg, torch.device("cpu"))
     x = torch.cat([cache.read_acts(1, c) for c in range(cache.n_chunks)]).float()
     with torch.no_grad():
-        latents = encode_latents(sae, x).numpy()
+        latents = sae.encode(x).numpy()
     assert result.rows == len(x) and (result.count_M == (latents > 0).sum(0)).all()
     assert (result.max_M == latents.max(0)).all()
     np.testing.assert_allclose(result.sum_M, latents.astype(np.float64).sum(0), rtol=1e-5)
@@ -191,7 +191,7 @@ def test_gated_rows_never_appear_as_examples(cache_path):  # noqa: F811
         rows = kept.row_MK[kept.row_MK >= 0]
         assert len(rows) and not gated[rows].any()
     with torch.no_grad():
-        latents = encode_latents(sae, x).numpy()
+        latents = sae.encode(x).numpy()
     assert (result.count_M == (latents[~gated] > 0).sum(0)).all()
 
 

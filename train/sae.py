@@ -117,14 +117,17 @@ class SparseAutoencoder(nn.Module):
         self.input_mode = "none"
 
     # -- inference form: per-sample, batch-independent (what is saved and evaluated) --------------
-    def pre_acts(self, x_BD: Tensor) -> Tensor:
-        # = ReLU((x − b_dec) W_enc + b_enc), written so that autograd never forms the [B, d] input
-        # gradient (a third B·m·d matmul) only to sum it into b_dec's: b_dec W_enc is one [m] vector.
+    def affine(self, x_BD: Tensor) -> Tensor:
+        """(x − b_dec) W_enc + b_enc [B, m], a fresh tensor (callers may change it in place)."""
+        # Written so that autograd never forms the [B, d] input gradient (a third B·m·d matmul) only to
+        # sum it into b_dec's: b_dec W_enc is one [m] vector.
         bias_M = self.b_enc - self.b_dec @ self.W_enc
         if torch.is_autocast_enabled(x_BD.device.type):  # a bf16 product summed into fp32 pre-activations
-            return F.relu(x_BD @ self.W_enc + bias_M)
-        # the bias enters the matmul's output and the ReLU runs in place: two passes over [B, m] fewer
-        return torch.addmm(bias_M, x_BD, self.W_enc).relu_()
+            return x_BD @ self.W_enc + bias_M
+        return torch.addmm(bias_M, x_BD, self.W_enc)  # the bias enters the matmul's output: one pass fewer
+
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        return self.affine(x_BD).relu_()  # in place: a pass over [B, m] fewer
 
     def threshold_M(self) -> Tensor:
         """Per-latent inference threshold: BatchTopK's θ (eq. 7) broadcast, JumpReLU's exp(log θ)."""
@@ -135,13 +138,15 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x_BD: Tensor, batch_mode: bool = False, theta: float | None = None) -> Tensor:
         """Dense latents [B, m]; BatchTopK runs as JumpReLU with its scalar θ (or `theta`), or, in
         batch_mode, in its training form (the B·k largest activations of this batch together)."""
+        if self.spec.arch in ("batchtopk", "jumprelu") and not batch_mode:
+            # θ ≥ 0: the ReLU and the threshold in one in-place pass over the affine map, 2.5× faster on
+            # CPU than a where() over [B, m] and no host sync for θ; +0 (not −0) below θ
+            z_BM = self.affine(x_BD)
+            return z_BM.masked_fill_(z_BM <= (self.threshold_M() if theta is None else theta), 0.0)
         pre_BM = self.pre_acts(x_BD)
-        if self.spec.arch == "topk" or (batch_mode and self.spec.arch == "batchtopk"):
+        if self.spec.arch in ("topk", "batchtopk"):
             select = select_topk if self.spec.arch == "topk" else select_batchtopk
             return densify(select(pre_BM, self.spec.k), *pre_BM.shape)
-        if self.spec.arch in ("batchtopk", "jumprelu"):
-            # where, not a product with the mask: half the time on CPU, and +0 (not −0) below θ
-            return torch.where(pre_BM > (self.threshold_M() if theta is None else theta), pre_BM, 0.0)
         return pre_BM
 
     def decode(self, latents_BM: Tensor) -> Tensor:
