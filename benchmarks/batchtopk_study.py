@@ -93,6 +93,7 @@ def collect(out: Path) -> list[dict]:
             "epochs": cfg["epochs"], "l0": result["l0_mean"], "l0_stderr": result["l0_mean_stderr"],
             "l0_eq7": result.get("theta_eq7", {}).get("l0_mean"), "gated_fraction": result["gated_fraction"],
             "dead": result["dead_latents"], "dir": str(d.relative_to(out)),
+            "model": cfg["cache"]["spec"]["model"], "layer": cfg["cache"]["layer"],
         }  # fmt: skip
         for key, where, _ in METRICS:
             source = result[where] if where else result
@@ -112,6 +113,7 @@ def gaps(rows: list[dict]) -> list[dict]:
         if arch != "batchtopk" or topk is None:
             continue
         gap = {"treatment": treatment, "k": k, "tokens": tokens, "epochs": btk["epochs"], "l0_batchtopk": btk["l0"]}
+        gap.update((key, btk[key]) for key in ("dict_size", "model", "layer"))
         for key, where, _ in METRICS:
             name = f"{key}_{where}" if where else key
             gap[name] = btk[name] - topk[name]
@@ -144,17 +146,22 @@ def report(out: Path, docs: Path) -> None:
     print(docs)
 
 
+def setting(rows: list[dict]) -> str:
+    """What a study's runs share, for plot titles: 'm = 4,608, smollm2-135m layer 6'."""
+    first = rows[0]
+    return f"m = {first['dict_size']:,}, {first['model']} layer {first['layer']}"
+
+
 def plot_against_l0(rows: list[dict], path: Path, treatment: str = "d") -> None:
     """The paper's Figure 1: each metric against L0 for every k, one line per architecture, at the
-    shortest training length that has more than one k (every k trained the same tokens)."""
+    training length with the most k trained (every k the same tokens; the longest of equals)."""
     ks_at = {}
     for r in rows:
         if r["treatment"] == treatment:
             ks_at.setdefault(r["tokens"], set()).add(r["k"])
-    lengths = [t for t, ks in sorted(ks_at.items()) if len(ks) > 1]
-    if not lengths:
+    if max(map(len, ks_at.values()), default=0) < 2:
         return
-    tokens = lengths[0]
+    tokens = max(ks_at, key=lambda t: (len(ks_at[t]), t))
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
     for ax, (key, where, label) in zip(axes, METRICS, strict=True):
         name = f"{key}_{where}" if where else key
@@ -172,7 +179,7 @@ def plot_against_l0(rows: list[dict], path: Path, treatment: str = "d") -> None:
         ax.set_title(label, fontsize="small")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="x-small")
-    fig.suptitle(f"({treatment}) {TREATMENTS[treatment][0]}, {tokens:,} training tokens, m = 4,608, SmolLM2 layer 6")
+    fig.suptitle(f"({treatment}) {TREATMENTS[treatment][0]}, {tokens:,} training tokens, {setting(rows)}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -197,7 +204,7 @@ def plot_gaps(gap_rows: list[dict], path: Path) -> None:
         ax.set_title(label, fontsize="small")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="x-small")
-    fig.suptitle("BatchTopK − TopK at equal L0 (k = 32, m = 4,608, SmolLM2 layer 6): below 0, BatchTopK is better")
+    fig.suptitle(f"BatchTopK − TopK at equal L0 (k = 32, {setting(gap_rows)}): below 0, BatchTopK is better")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
