@@ -142,15 +142,21 @@ def test_the_sample_is_uniform_over_the_active_rows():
     assert np.abs(pooled / seeds - P / 40).max() < 0.08
 
 
-@pytest.mark.parametrize("arch, queue", [("batchtopk", None), ("topk", None), ("relu", None), ("relu", 0.01)])
+@pytest.mark.parametrize(
+    "arch, queue", [("batchtopk", None), ("jumprelu", None), ("topk", None), ("relu", None), ("relu", 0.01)]
+)
 def test_streaming_top_k_equals_brute_force_on_real_activations(arch, queue, cache_path, monkeypatch):  # noqa: F811
     if queue:  # merge every few entries: the stale bar between merges is exercised
         monkeypatch.setattr("sae.inspect.scan.QUEUE", queue)
     cache = open_cache(cache_path)
     sae = random_sae(arch, 4, 64, seed=1)
+    x = torch.cat([cache.read_acts(1, c) for c in range(cache.n_chunks)]).float()
+    if arch == "jumprelu":  # a θ of its own per latent: each latent's pre-activations at a random quantile
+        with torch.no_grad():
+            levels_M = torch.rand(sae.m, generator=torch.Generator().manual_seed(3)) * 0.45 + 0.5
+            sae.log_threshold.copy_(sae.pre_acts(x).quantile(levels_M, dim=0).diagonal().clamp(min=1e-3).log())
     cfg = InspectConfig(top=8, sample_size=16, quantile_pool=6, quantile_samples=3, batch_rows=64, lm=False)
     result = scan(sae, cache, 1, plan_rows(cache, [], cache.rows), cfg, torch.device("cpu"))
-    x = torch.cat([cache.read_acts(1, c) for c in range(cache.n_chunks)]).float()
     with torch.no_grad():
         latents = sae.encode(x).numpy()
     assert result.rows == len(x) and (result.count_M == (latents > 0).sum(0)).all()
