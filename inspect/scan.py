@@ -2,7 +2,8 @@
 depends on the number of latents and what is kept of each, never on the number of rows.
 
 Per batch of whole contexts: encode as deployed (gated rows have no latents; BatchTopK through its
-saved θ), take the nonzero entries and fold them into per-latent state:
+saved θ), take the active entries (one compare with θ and one nonzero()) and fold them into
+per-latent state:
 
     count_M, sum_M, max_M       exact firing count, sum and maximum of the activations
     top     KeepBest [m, top]   the largest activations (ties: the earlier row)
@@ -12,7 +13,7 @@ saved θ), take the nonzero entries and fold them into per-latent state:
 Each kept entry carries the latent's activations on a window of tokens around it (within its
 context), so the page can shade them. Only entries that beat a latent's current worst kept entry
 reach the merge: after the first batches that is a few per batch, and the pass costs the encode
-plus one nonzero() over the latents.
+plus one nonzero() over [B, m].
 """
 
 from collections.abc import Iterator
