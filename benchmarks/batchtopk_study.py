@@ -24,13 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # (name, what it is, sae train flags)
 TREATMENTS = {
-    "a": ("every row, dataset-wide scale", ["--gate-norm", "0"]),
+    "a": ("every row, dataset-wide scale", ["--normalize", "scale", "--gate-norm", "0"]),
     "b": (
-        "every row, per-sample standardisation (the reference code)",
+        "every row, per-sample standardisation (the reference code; the default)",
         ["--normalize", "standardize", "--gate-norm", "0"],
     ),
-    "c": ("BOS and first position gated", ["--gate-bos", "--gate-first", "--gate-norm", "0"]),
-    "d": ("norm gate 4× the median (the default)", ["--gate-norm", "4"]),
+    "c": ("BOS and first position gated", ["--normalize", "scale", "--gate-bos", "--gate-first", "--gate-norm", "0"]),
+    "d": ("norm gate 4× the median", ["--normalize", "scale", "--gate-norm", "4"]),
 }
 EVAL_GATE_NORM = "4"
 
@@ -203,9 +203,9 @@ def plot_gaps(gap_rows: list[dict], path: Path) -> None:
         ax.set_ylabel("BatchTopK − TopK")
         ax.set_title(label, fontsize="small")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="x-small")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small")  # off the data
     fig.suptitle(f"BatchTopK − TopK at equal L0 (k = 32, {setting(gap_rows)}): below 0, BatchTopK is better")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -161,15 +161,15 @@ def test_bad_values_of_the_new_flags_are_one_line_errors(massive, short_runs, tm
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_the_default_gate_is_4x_the_median_norm_and_0_turns_it_off(massive, short_runs, tmp_path):
+def test_the_default_standardises_every_row_and_gate_norm_4_gates_the_massive_ones(massive, short_runs, tmp_path):
     path, massive_R = massive
     held_R = massive_R[(CHUNKS - 1) * open_cache(path).chunk_rows :]
-    default = json.loads((short_runs[0] / "cfg.json").read_text())  # trained without a gate_norm given
-    assert default["metadata"]["gate"]["norm_ratio"] == 4 and default["heldout"]["rows_gated"] == int(held_R.sum())
-    (btk,) = run_training(small_config(tmp_path, arch=("batchtopk",), gate_norm=0, tokens=128 * 5), path)
-    every_row = json.loads((btk / "cfg.json").read_text())
-    assert every_row["metadata"]["gate"]["max_norm"] is None and every_row["heldout"]["rows_gated"] == 0
-    assert every_row["heldout"]["rows"] == len(held_R)
+    default = json.loads((short_runs[0] / "cfg.json").read_text())  # trained without normalize or gate_norm given
+    assert default["normalize_activations"] == "layer_norm" and default["metadata"]["gate"]["max_norm"] is None
+    assert default["heldout"]["rows_gated"] == 0 and default["heldout"]["rows"] == len(held_R)
+    (btk,) = run_training(small_config(tmp_path, arch=("batchtopk",), gate_norm=4.0, tokens=128 * 5), path)
+    gated = json.loads((btk / "cfg.json").read_text())
+    assert gated["metadata"]["gate"]["norm_ratio"] == 4 and gated["heldout"]["rows_gated"] == int(held_R.sum())
 
 
 def test_epochs_run_past_one_pass_and_resume_mid_epoch_bit_identically(massive, tmp_path, monkeypatch):

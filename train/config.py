@@ -88,17 +88,19 @@ class TrainConfig:
     theta_tail: float = 0.1
     """BatchTopK θ (eq. 7) is averaged over the batches of this final fraction of training, whose
     activations match the final weights; earlier batches describe an encoder that no longer exists."""
-    normalize: str = "scale"
-    """Input normalisation: none; standardize (per sample, as the reference code; saved as SAELens
-    "layer_norm"); scale (one dataset-wide factor so E‖x‖ = √d, folded into the saved weights)."""
+    normalize: str = "standardize"
+    """Input normalisation: standardize (per sample, as the reference code; saved as SAELens
+    "layer_norm"); scale (one dataset-wide factor so E‖x‖ = √d, folded into the saved weights); none.
+    The default is the BatchTopK study's best treatment (docs/results.md): every row at its own scale,
+    so massive-norm rows cannot take the batch's latents."""
     gate_bos: bool = False
     """Gate BOS rows: left out of training, passed through unchanged at inference and evaluation."""
     gate_first: bool = False
     """Gate the first position of every context (the same way as gate_bos)."""
-    gate_norm: float = 4.0
+    gate_norm: float = 0.0
     """Gate rows whose norm exceeds this multiple of the cache's median row norm: the massive-norm rows
-    (attention sinks), whatever their token or position; 0: no norm gate. The default 4 is the BatchTopK
-    study's choice (docs/results.md): gated, BatchTopK beats TopK at equal L0 from the first pass."""
+    (attention sinks), whatever their token or position; 0: no norm gate (the default: with per-sample
+    standardisation the study found no gate better, at every position too; docs/results.md)."""
     theta: str = "calibrated"
     """BatchTopK's saved inference threshold: calibrated (chosen on the held-out rows so that their
     mean L0 is k: comparisons with TopK are at equal L0) or eq7 (the paper's estimate from training
