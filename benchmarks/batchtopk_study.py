@@ -152,7 +152,7 @@ def setting(rows: list[dict]) -> str:
     return f"m = {first['dict_size']:,}, {first['model']} layer {first['layer']}"
 
 
-def plot_against_l0(rows: list[dict], path: Path, treatment: str = "d") -> None:
+def plot_against_l0(rows: list[dict], path: Path, treatment: str = "b") -> None:
     """The paper's Figure 1: each metric against L0 for every k, one line per architecture, at the
     training length with the most k trained (every k the same tokens; the longest of equals)."""
     ks_at = {}
