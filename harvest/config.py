@@ -41,7 +41,7 @@ class HarvestConfig:
     dtype: str = "int8"
     """Storage dtype of the activations: int8 (default) or float8_e4m3, scaled per row (and per dimension
     for int8), about half float16's bytes; or float16, bfloat16, float32. SAEs trained from int8 matched
-    float16's within one standard error on NMSE and CE degradation (docs/results.md, section 2)."""
+    float16's within 1.2 standard errors on NMSE and CE degradation (docs/results.md, section 2)."""
     codec: str = "zstd:1"
     """Compression of activation chunks (see benchmarks/harvest.py for the measurement behind the default)."""
     chunk_contexts: int = 128
