@@ -162,50 +162,51 @@ def plot_against_l0(rows: list[dict], path: Path, treatment: str = "b") -> None:
     if max(map(len, ks_at.values()), default=0) < 2:
         return
     tokens = max(ks_at, key=lambda t: (len(ks_at[t]), t))
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
-    for ax, (key, where, label) in zip(axes, METRICS, strict=True):
-        name = f"{key}_{where}" if where else key
-        for arch in ("batchtopk", "topk"):
-            points = sorted(
-                (r for r in rows if (r["treatment"], r["tokens"], r["arch"]) == (treatment, tokens, arch)),
-                key=lambda r: r["l0"],
-            )
-            ax.errorbar(
-                [r["l0"] for r in points], [r[name] for r in points], yerr=[r[name + "_stderr"] for r in points],
-                marker="o", capsize=3, label=arch,
-            )  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel("L0 (ungated evaluation rows)")
-        ax.set_title(label, fontsize="small")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="x-small")
-    fig.suptitle(f"({treatment}) {TREATMENTS[treatment][0]}, {tokens:,} training tokens, {setting(rows)}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    lines = {
+        arch: sorted((r for r in rows if (r["treatment"], r["tokens"], r["arch"]) == (treatment, tokens, arch)),
+                     key=lambda r: r["l0"])
+        for arch in ("batchtopk", "topk")
+    }  # fmt: skip
+    title = f"({treatment}) {TREATMENTS[treatment][0]}, {tokens:,} training tokens, {setting(rows)}"
+    plot_metrics(path, lines, lambda r: r["l0"], "L0 (ungated evaluation rows)", title, gaps=False)
 
 
 def plot_gaps(gap_rows: list[dict], path: Path) -> None:
     """BatchTopK − TopK against training tokens, one line per treatment, one panel per metric."""
+    lines = {
+        f"({t}) {TREATMENTS[t][0]}": sorted((g for g in gap_rows if g["treatment"] == t and g["k"] == 32),
+                                            key=lambda g: g["tokens"])
+        for t in sorted({g["treatment"] for g in gap_rows})
+    }  # fmt: skip
+    title = f"BatchTopK − TopK at equal L0 (k = 32, {setting(gap_rows)}): below 0, BatchTopK is better"
+    plot_metrics(path, lines, lambda g: g["tokens"] / 1e6, "training tokens (millions)", title, gaps=True)
+
+
+def plot_metrics(path: Path, lines: dict[str, list[dict]], x_of, xlabel: str, title: str, gaps: bool) -> None:
+    """One panel per metric, one line per label with its standard errors. gaps: the values are
+    BatchTopK − TopK (a zero line; the legend below the panels, off the data); else L0 on a log axis."""
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
     for ax, (key, where, label) in zip(axes, METRICS, strict=True):
         name = f"{key}_{where}" if where else key
-        for treatment in sorted({g["treatment"] for g in gap_rows}):
-            points = sorted(
-                (g for g in gap_rows if g["treatment"] == treatment and g["k"] == 32), key=lambda g: g["tokens"]
-            )
+        for line, points in lines.items():
             ax.errorbar(
-                [g["tokens"] / 1e6 for g in points], [g[name] for g in points], yerr=[g[name + "_stderr"] for g in points],
-                marker="o", capsize=3, label=f"({treatment}) {TREATMENTS[treatment][0]}",
+                [x_of(r) for r in points], [r[name] for r in points], yerr=[r[name + "_stderr"] for r in points],
+                marker="o", capsize=3, label=line,
             )  # fmt: skip
-        ax.axhline(0, color="k", linewidth=0.8)
-        ax.set_xlabel("training tokens (millions)")
-        ax.set_ylabel("BatchTopK − TopK")
+        if gaps:
+            ax.axhline(0, color="k", linewidth=0.8)
+            ax.set_ylabel("BatchTopK − TopK")
+        else:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
         ax.set_title(label, fontsize="small")
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small")  # off the data
-    fig.suptitle(f"BatchTopK − TopK at equal L0 (k = 32, {setting(gap_rows)}): below 0, BatchTopK is better")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    if gaps:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small")
+    else:
+        axes[0].legend(fontsize="x-small")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08 if gaps else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

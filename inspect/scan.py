@@ -156,17 +156,6 @@ class KeepBest:
         return Kept(self.value_MK.cpu().numpy(), self.row_MK.cpu().numpy(), self.window_MPW.float().cpu().numpy())
 
 
-def latent_scores(sae: SparseAutoencoder, x_RD: Tensor) -> tuple[Tensor, Tensor]:
-    """(z_RM, θ_M) for raw rows: the latents as deployed are z where z > θ, 0 elsewhere (θ ≥ 0). For
-    BatchTopK and JumpReLU z is the affine map, thresholded by the caller: the pass wants the active
-    entries only, and setting the rest of [R, m] to 0 first would cost a pass of its own. TopK and ReLU
-    give their latents with θ 0."""
-    x_RD = normalize_input(x_RD, sae.input_mode)[0]
-    if sae.spec.arch in ("batchtopk", "jumprelu"):
-        return sae.affine(x_RD), sae.threshold_M()
-    return sae.encode(x_RD), x_RD.new_zeros(sae.m)
-
-
 class Scanner:
     """The per-latent state of the pass; update() folds in one batch of whole contexts."""
 
@@ -189,7 +178,7 @@ class Scanner:
         x_RD = acts_RD.to(self.device, non_blocking=True).float()
         R = len(x_RD)
         positions_R = torch.arange(R, device=self.device) % self.ctx_len
-        z_RM, theta_M = latent_scores(self.sae, x_RD)
+        z_RM, theta_M = self.sae.scores(normalize_input(x_RD, self.sae.input_mode)[0])
         if not self.sae.gate.empty:  # gated rows are passed through: no latent is active on them
             gated_R = self.sae.gate.gated(x_RD, tokens_R, positions_R)
             z_RM.masked_fill_(gated_R[:, None], 0)  # 0 is not above any θ

@@ -134,14 +134,22 @@ class SparseAutoencoder(nn.Module):
             return self.log_threshold.detach().exp()
         return self.theta.expand(self.m)
 
+    def scores(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_BM, θ_M): the latents as deployed are z where z > θ, 0 elsewhere (θ ≥ 0). BatchTopK and
+        JumpReLU give the affine map and their threshold, so that a caller wanting only the active
+        entries skips a pass over [B, m] that sets the rest to 0; TopK and ReLU give their latents, θ 0."""
+        if self.spec.arch in ("batchtopk", "jumprelu"):
+            return self.affine(x_BD), self.threshold_M()
+        return self.encode(x_BD), x_BD.new_zeros(self.m)
+
     def encode(self, x_BD: Tensor, batch_mode: bool = False, theta: float | None = None) -> Tensor:
         """Dense latents [B, m]; BatchTopK runs as JumpReLU with its scalar θ (or `theta`), or, in
         batch_mode, in its training form (the B·k largest activations of this batch together)."""
         if self.spec.arch in ("batchtopk", "jumprelu") and not batch_mode:
             # θ ≥ 0: the ReLU and the threshold in one in-place pass over the affine map, 2.5× faster on
             # CPU than a where() over [B, m] and no host sync for θ; +0 (not −0) below θ
-            z_BM = self.affine(x_BD)
-            return z_BM.masked_fill_(z_BM <= (self.threshold_M() if theta is None else theta), 0.0)
+            z_BM, theta_M = self.scores(x_BD)
+            return z_BM.masked_fill_(z_BM <= (theta_M if theta is None else theta), 0.0)
         pre_BM = self.pre_acts(x_BD)
         if self.spec.arch in ("topk", "batchtopk"):
             select = select_topk if self.spec.arch == "topk" else select_batchtopk
