@@ -28,7 +28,7 @@ def read_rows(cache: Cache, layer: int, chunk: int, gate: Gate, decode: bool = T
     acts_RD = decode_rows(stored, cache.dim_scale(layer)) if decode or not gate.empty else None
     if not gate.empty:
         kept_R = ~gate.gated(acts_RD, *chunk_rows(cache, chunk))
-        acts_RD, stored = acts_RD[kept_R], StoredRows(*(part[kept_R] if part is not None else None for part in stored))
+        acts_RD, stored = acts_RD[kept_R], stored.take(kept_R)
     return StoredRows(acts_RD, None) if decode else stored
 
 
@@ -127,8 +127,7 @@ class Loader:
         self.position = dict(zip(("epoch", "block", "batch"), nxt, strict=True))
         # A pinned host tensor lets the copy overlap compute; each batch has its own pinned buffer
         # (recycled by torch's caching host allocator only once the copy is done).
-        x = StoredRows(*(part.to(self.device, non_blocking=True) if part is not None else None for part in x))
-        return decode_rows(x, self._dim_scale).float()
+        return decode_rows(x.to(self.device), self._dim_scale).float()
 
     def close(self) -> None:
         self._stop.set()

@@ -116,14 +116,16 @@ class SparseAutoencoder(nn.Module):
         self.input_mode = "none"
 
     # -- inference form: per-sample, batch-independent (what is saved and evaluated) --------------
-    def affine(self, x_BD: Tensor) -> Tensor:
-        """(x − b_dec) W_enc + b_enc [B, m], a fresh tensor (callers may change it in place)."""
+    def affine(self, x_BD: Tensor, out: Tensor | None = None) -> Tensor:
+        """(x − b_dec) W_enc + b_enc [B, m], a fresh tensor (callers may change it in place) or written
+        into `out`: a loop that reuses one buffer saves, on CPU, the page faults of a fresh [B, m]
+        (~15% of the matmul's time at B 4,096, m 2,304)."""
         # Written so that autograd never forms the [B, d] input gradient (a third B·m·d matmul) only to
         # sum it into b_dec's: b_dec W_enc is one [m] vector.
         bias_M = self.b_enc - self.b_dec @ self.W_enc
         if torch.is_autocast_enabled(x_BD.device.type):  # a bf16 product summed into fp32 pre-activations
-            return x_BD @ self.W_enc + bias_M
-        return torch.addmm(bias_M, x_BD, self.W_enc)  # the bias enters the matmul's output: one pass fewer
+            return torch.add(x_BD @ self.W_enc, bias_M, out=out)
+        return torch.addmm(bias_M, x_BD, self.W_enc, out=out)  # the bias enters the matmul's output: one pass fewer
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         return self.affine(x_BD).relu_()  # in place: a pass over [B, m] fewer
@@ -134,12 +136,13 @@ class SparseAutoencoder(nn.Module):
             return self.log_threshold.detach().exp()
         return self.theta.expand(self.m)
 
-    def scores(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+    def scores(self, x_BD: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(z_BM, θ_M): the latents as deployed are z where z > θ, 0 elsewhere (θ ≥ 0). BatchTopK and
-        JumpReLU give the affine map and their threshold, so that a caller wanting only the active
-        entries skips a pass over [B, m] that sets the rest to 0; TopK and ReLU give their latents, θ 0."""
+        JumpReLU give the affine map (in `out` if given) and their threshold, so that a caller wanting
+        only the active entries skips a pass over [B, m] that sets the rest to 0; TopK and ReLU give
+        their latents (a fresh tensor), θ 0."""
         if self.spec.arch in ("batchtopk", "jumprelu"):
-            return self.affine(x_BD), self.threshold_M()
+            return self.affine(x_BD, out), self.threshold_M()
         return self.encode(x_BD), x_BD.new_zeros(self.m)
 
     def encode(self, x_BD: Tensor, batch_mode: bool = False, theta: float | None = None) -> Tensor:
