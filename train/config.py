@@ -16,6 +16,7 @@ ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
 NORMALIZATIONS = ("none", "standardize", "scale")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DECODES = ("auto", "sparse", "dense")
+B_DEC_INITS = ("zeros", "median")
 THETAS = ("calibrated", "eq7")
 SWEEP_KEYS = ("arch", "k", "dict_size", "l0_coeff", "l1_coeff")
 
@@ -101,6 +102,10 @@ class TrainConfig:
     """Gate rows whose norm exceeds this multiple of the cache's median row norm: the massive-norm rows
     (attention sinks), whatever their token or position; 0: no norm gate (the default: with per-sample
     standardisation the study found no gate better, at every position too; docs/results.md)."""
+    b_dec_init: str = "zeros"
+    """The decoder bias's initial value: zeros, or median: the geometric median of a sample of the
+    (normalised, ungated) training rows, as Gao et al. initialise it. Residual-stream rows share a
+    large mean direction; from b_dec 0 it decides which latents can fire at all."""
     theta: str = "calibrated"
     """BatchTopK's saved inference threshold: calibrated (chosen on the held-out rows so that their
     mean L0 is k: comparisons with TopK are at equal L0) or eq7 (the paper's estimate from training
@@ -138,6 +143,7 @@ class TrainConfig:
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("decode", self.decode, DECODES)
+        check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
         for name in ("batch_size", "aux_k", "dead_tokens", "buffer_chunks", "loader_threads", "log_every"):
             check_positive(name, getattr(self, name))
         if self.threshold_lr is not None:

@@ -72,7 +72,9 @@ def holdout_chunks(cache: Cache, n_full: int) -> list[int]:
     return list(range(max(full_chunks - n_full, 0), cache.n_chunks))
 
 
-def make_sae(cfg: TrainConfig, spec, d_in: int, device: torch.device, gate: Gate = Gate()) -> SparseAutoencoder:
+def make_sae(cfg: TrainConfig, spec, d_in: int, device: torch.device, gate: Gate = Gate(),
+             b_dec_D: torch.Tensor | None = None) -> SparseAutoencoder:  # fmt: skip
+    """A fresh SAE: the reference code's initialisation from cfg.seed, b_dec at b_dec_D if given."""
     torch.manual_seed(cfg.seed)  # every SAE starts from the reference code's seed
     sparse_decode = cfg.decode == "sparse" or (cfg.decode == "auto" and device.type != "cuda")
     sae = SparseAutoencoder(
@@ -80,6 +82,9 @@ def make_sae(cfg: TrainConfig, spec, d_in: int, device: torch.device, gate: Gate
         bandwidth=cfg.bandwidth, init_threshold=cfg.jumprelu_init_threshold, sparse_decode=sparse_decode,
     ).to(device)  # fmt: skip
     sae.gate = gate
+    if b_dec_D is not None:
+        with torch.no_grad():
+            sae.b_dec.copy_(b_dec_D)
     return sae
 
 
@@ -185,7 +190,7 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
     # Snapshots at or past the end are the run itself.
     snapshot_steps = {t // tokens_per_step for t in cfg.snapshots if 0 < t // tokens_per_step < steps}
 
-    saes = [make_sae(cfg, spec, cache.d_model, device, setup.gate) for spec in specs]
+    saes = [make_sae(cfg, spec, cache.d_model, device, setup.gate, setup.b_dec_D) for spec in specs]
     opts = [make_optimizer(cfg, sae) for sae in saes]
     models = [torch.compile(s) if cfg.compile else s for s in saes]
     thetas = [Eq7Estimate(steps, cfg.theta_tail, device) if s.arch == "batchtopk" else None for s in specs]
