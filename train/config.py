@@ -102,10 +102,11 @@ class TrainConfig:
     """Gate rows whose norm exceeds this multiple of the cache's median row norm: the massive-norm rows
     (attention sinks), whatever their token or position; 0: no norm gate (the default: with per-sample
     standardisation the study found no gate better, at every position too; docs/results.md)."""
-    b_dec_init: str = "zeros"
-    """The decoder bias's initial value: zeros, or median: the geometric median of a sample of the
-    (normalised, ungated) training rows, as Gao et al. initialise it. Residual-stream rows share a
-    large mean direction; from b_dec 0 it decides which latents can fire at all."""
+    b_dec_init: str = "median"
+    """The decoder bias's initial value: median, the geometric median of a sample of the (normalised,
+    ungated) training rows, as Gao et al. initialise it; or zeros (the reference code). Residual-stream
+    rows share a large mean direction: from b_dec 0 it decides which latents can fire at all, and
+    after one pass of SmolLM2 layer 15 half of them were still dead (docs/results.md)."""
     theta: str = "calibrated"
     """BatchTopK's saved inference threshold: calibrated (chosen on the held-out rows so that their
     mean L0 is k: comparisons with TopK are at equal L0) or eq7 (the paper's estimate from training

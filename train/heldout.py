@@ -1,5 +1,6 @@
-"""What the trainer needs around the SAE: the input set-up (gate, scale) and the held-out rows, with
-the report on them (FVU and L0 of the saved, batch-independent form on chunks never trained on)."""
+"""What the trainer needs around the SAE: the input set-up (gate, scale, where b_dec starts) and the
+held-out rows, with the report on them (FVU and L0 of the saved, batch-independent form on chunks
+never trained on)."""
 
 import math
 from typing import Any, NamedTuple
