@@ -50,7 +50,9 @@ def train_command(
     gate_bos: bool = Opt(None, "--gate-bos/--no-gate-bos", help="Gate BOS rows: out of training, passed through."),
     gate_first: bool = Opt(None, "--gate-first/--no-gate-first", help="Gate each context's first position."),
     gate_norm: float = Opt(None, help="Gate rows above this multiple of the median row norm, e.g. 4."),
-    b_dec_init: str = Opt(None, help="Decoder bias at the start: median (geometric median of the rows; default) or zeros."),
+    b_dec_init: str = Opt(
+        None, help="Decoder bias at the start: median (geometric median of the rows; default) or zeros."
+    ),
     theta: str = Opt(None, help="BatchTopK's saved θ: calibrated (held-out L0 = k) or eq7 (the paper's)."),
     epochs: float = Opt(None, help="Passes over the cache's training rows (default 1; may be fractional)."),
     snapshots: str = Opt(None, help="Also save each SAE at these training-token counts, e.g. 1e6,3e6."),
