@@ -143,6 +143,10 @@ def short_runs(massive, tmp_path_factory) -> list[Path]:
         (["train", "--cache", "{cache}", "--gate-norm", "0.5"], "gate_norm must be above 1"),
         (["train", "--cache", "{cache}", "--gate-norm", "-4"], "or 0 for none; got -4.0"),
         (["train", "--cache", "{cache}", "--theta", "mean"], "unknown theta 'mean'; choose one of calibrated, eq7"),
+        (
+            ["train", "--cache", "{cache}", "--b-dec-init", "mean"],
+            "unknown b_dec_init 'mean'; choose one of zeros, median",
+        ),
         (["train", "--cache", "{cache}", "--epochs", "0"], "epochs must be positive, got 0.0"),
         (["train", "--cache", "{cache}", "--snapshots", "1e3,x"], "expected a count like 1e6, got 'x'"),
         (["train", "--cache", "{cache}", "--tokens", "1e6"], "fewer than the 1,000,000 tokens asked; harvest more"),
