@@ -178,10 +178,11 @@ class Cache:
         the scaled dtypes); row r is context r // ctx_len."""
         return decode_rows(self.read_stored(layer, chunk_index), self.dim_scale(layer))
 
-    def dim_scale(self, layer: int) -> torch.Tensor | None:
-        """int8's per-dimension scale s_dim [d] (cache.codecs); None for the other dtypes."""
+    def dim_scale(self, layer: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """int8's per-dimension scale s_dim [d] (cache.codecs) on `device`, where rows decode; None for
+        the other dtypes."""
         scale = self.meta["storage"].get("dim_scale", {}).get(str(layer))
-        return None if scale is None else torch.tensor(scale, dtype=torch.float32)
+        return None if scale is None else torch.tensor(scale, dtype=torch.float32, device=device)
 
     def stats(self, layer: int) -> dict[str, Any]:
         """mean_D, mean_norm, mean_sq_norm, max_norm, count, and the same over plain rows (no BOS/first)."""

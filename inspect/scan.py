@@ -273,8 +273,7 @@ def scan(sae: SparseAutoencoder, cache: Cache, layer: int, plan: list[tuple[int,
     """The pass over the planned rows, with a progress bar."""
     scanner = Scanner(sae, cfg, cache.ctx_len, device)
     batch_contexts = max(1, cfg.batch_rows // cache.ctx_len)
-    dim_scale_D = cache.dim_scale(layer)
-    dim_scale_D = None if dim_scale_D is None else dim_scale_D.to(device)
+    dim_scale_D = cache.dim_scale(layer, device)
     total = sum(contexts for _, contexts in plan) * cache.ctx_len
     with make_progress("rows") as progress:
         task = progress.add_task(f"inspect {sae.m:,} latents", total=total, status="")

@@ -51,8 +51,7 @@ class Loader:
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        dim_scale = cache.dim_scale(layer)  # int8 rows decode on the device: kept there
-        self._dim_scale = dim_scale.to(device) if dim_scale is not None else None
+        self._dim_scale = cache.dim_scale(layer, device)  # int8 rows decode on the device: kept there
 
     def block_chunks(self, epoch: int, block: int) -> list[int]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
