@@ -24,9 +24,10 @@ import torch
 import sae.evaluate.evaluate as evaluate_module
 import sae.evaluate.splice as splice
 from sae.cache.store import open_cache
+from sae.device import resolve_device
 from sae.evaluate.config import EvalConfig
 from sae.harvest.config import HarvestConfig
-from sae.harvest.harvest import harvest, resolve_device
+from sae.harvest.harvest import harvest
 from sae.harvest.model import load_model
 from sae.train.checkpoint import run_cfg, save_run
 from sae.train.config import SAESpec

@@ -35,8 +35,9 @@ from sae.cache.codecs import (
     zarr_dtype,
 )
 from sae.cache.store import open_cache, open_writer
+from sae.device import resolve_device
 from sae.harvest.config import HarvestConfig
-from sae.harvest.harvest import WRITERS, harvest, resolve_device
+from sae.harvest.harvest import WRITERS, harvest
 from sae.harvest.model import LoadedModel, load_model
 from sae.train.synthetic import synthetic_spec
 

@@ -10,26 +10,21 @@ from sae.cache.convert import convert
 from sae.cache.lock import unlock
 from sae.cache.store import default_cache_root, list_caches, open_cache
 from sae.cache.verify import describe, verify
-from sae.config import apply_storage_options, read_pipeline_toml
+from sae.config import apply_storage_options, stage_config
 from sae.errors import UserError
+from sae.flags import CONFIG, settings_command
+from sae.harvest.config import HarvestConfig
 from sae.progress import console, make_progress
 
 cache_app = typer.Typer(no_args_is_help=True, help="List, describe, verify, unlock and convert activation caches.")
 
 
-CONFIG = typer.Option(None, "--config", help="pipeline.toml to read (default: ./pipeline.toml if present).")
-
-
 @cache_app.command("ls")
-def ls_command(
-    cache_dir: str = typer.Option(
-        None, help="Root of the caches, a path or URL (default: pipeline.toml [harvest], $SAE_CACHE_DIR, ./caches)."
-    ),
-    config: Path = CONFIG,
-):
+@settings_command(HarvestConfig, fields=("cache_dir",))
+def ls_command(settings: dict, config: Path = CONFIG):
     """What caches exist: spec, committed tokens, size."""
     apply_storage_options(config)
-    root = default_cache_root(cache_dir or read_pipeline_toml(config).get("harvest", {}).get("cache_dir"))
+    root = default_cache_root(stage_config(HarvestConfig, "harvest", config, settings).cache_dir)
     caches = list_caches(root)
     if not caches:
         console.print(f"no caches under {root}")
@@ -88,14 +83,12 @@ def unlock_command(path: str, config: Path = CONFIG):
 
 
 @cache_app.command("convert")
-def convert_command(
-    path: str,
-    dtype: str = typer.Option(..., help="Storage dtype of the copy: float32, float16, bfloat16, int8, float8_e4m3."),
-    codec: str = typer.Option(None, help="Compression of the copy (default: the source's), e.g. zstd:1."),
-    cache_dir: str = typer.Option(None, help="Root to write the copy under, a path or URL (default: the source's)."),
-    config: Path = CONFIG,
-):
-    """Copy a cache into another storage dtype (e.g. float16 to int8) without re-running the model.
-    Resumable; prints the new cache's path."""
+@settings_command(HarvestConfig, fields=("dtype", "codec", "cache_dir"), show_defaults=False)
+def convert_command(settings: dict, path: str, config: Path = CONFIG):
+    """Copy a cache into another storage dtype (--dtype, e.g. float16 to int8; required) without
+    re-running the model, with the source's codec beside the source unless --codec or --cache-dir say
+    otherwise. Resumable; prints the new cache's path."""
+    if settings["dtype"] is None:
+        raise UserError("sae cache convert needs the dtype of the copy, e.g. --dtype int8")
     apply_storage_options(config)
-    print(convert(path, dtype, codec, cache_dir))
+    print(convert(path, settings["dtype"], settings["codec"], settings["cache_dir"]))

@@ -2,29 +2,29 @@
 
 from dataclasses import dataclass
 
-from sae.config import check_gate_norm, check_positive
+from sae.config import check_gate_norm, setting, validate
 from sae.errors import UserError
 
 
 @dataclass
 class EvalConfig:
-    tokens: int = 16_384
+    tokens: int = setting(16_384, positive=True)
     """Evaluation tokens (whole contexts: rounded down to a multiple of the cache's ctx_len)."""
-    batch_size: int = 16
+    batch_size: int = setting(16, positive=True)
     """Contexts per forward pass. Each pass holds a few [batch, ctx_len, vocab] float32 logit tensors."""
     dataset: str | None = None
     """None: the run's harvest dataset, from the first document the harvest did not read (held out).
     Otherwise any dataset `sae harvest --dataset` accepts; it must not overlap the training cache."""
     dataset_config: str | None = None
     """Hub dataset configuration; None: the cache's when the dataset is the cache's, else none."""
-    dataset_split: str | None = None
+    dataset_split: str | None = setting(None, aliases=("--split",))
     """None: the cache's split when the dataset is the cache's, else "train"."""
     text_column: str | None = None
     """None: the cache's text column."""
     seed: int | None = None
     """Seed of the document order; None: the cache's (for the cache's dataset it must be the cache's,
     or the documents after the harvest's stream end would not be the unread ones)."""
-    start_doc: int | None = None
+    start_doc: int | None = setting(None, at_least=0)
     """First document (in the seeded order); None: the first one the harvest did not read, or 0 for
     another dataset or split."""
     gate_bos: bool = False
@@ -47,10 +47,7 @@ class EvalConfig:
     """auto (cuda if available), cpu, cuda, cuda:1, ..."""
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "batch_size"):
-            check_positive(name, getattr(self, name))
-        if self.start_doc is not None and self.start_doc < 0:
-            raise UserError(f"start_doc must be >= 0, got {self.start_doc}")
+        validate(self)
         check_gate_norm(self.gate_norm)
         if not 0 < self.dense_threshold < 1:
             raise UserError(f"dense_threshold must be in (0, 1), got {self.dense_threshold}")

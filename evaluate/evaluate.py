@@ -18,6 +18,7 @@ import torch
 from sae.cache.convert import require_stream
 from sae.cache.store import Cache
 from sae.config import to_jsonable
+from sae.device import resolve_device
 from sae.errors import UserError
 from sae.evaluate.config import EvalConfig
 from sae.evaluate.heldout import eval_plan, heldout_tokens
@@ -35,7 +36,6 @@ from sae.evaluate.metrics import (
 )
 from sae.evaluate.report import write_outputs
 from sae.evaluate.splice import Splicer
-from sae.harvest.harvest import resolve_device
 from sae.harvest.model import LoadedModel, check_site, load_model
 from sae.progress import make_progress
 from sae.train.checkpoint import Run, load_sae, read_run, reconstruct_rows

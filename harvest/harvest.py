@@ -29,6 +29,7 @@ from sae.cache.store import (
     plain_rows,
 )
 from sae.config import to_jsonable
+from sae.device import resolve_device
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.harvest.hooks import capture
@@ -39,14 +40,6 @@ from sae.progress import console, make_progress
 from sae.versions import library_versions
 
 WRITERS = 3  # chunks compressed and written at once (zstd releases the GIL)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
 
 
 def build_spec(cfg: HarvestConfig, loaded: LoadedModel, source: DatasetSource) -> dict:
@@ -66,7 +59,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> str:
     loaded on cfg's device (a caller harvesting several times saves the load). Under torchrun every
     rank runs this, and together they write what one process would (harvest.ranks)."""
     ranks = Ranks()
-    device = ranks.device(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
     source = DatasetSource.resolve(cfg.dataset)
     dataset = open_dataset(source, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
     root = default_cache_root(cfg.cache_dir)

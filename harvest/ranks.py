@@ -12,7 +12,6 @@ Tokenizing is repeated on every rank: the ranks' forward passes, not their token
 import os
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 
@@ -22,18 +21,11 @@ class Ranks:
     def __init__(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.group = None
         if self.world > 1:
             if not dist.is_initialized():
                 dist.init_process_group("gloo")
             self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-    def device(self, device: torch.device) -> torch.device:
-        """One GPU per rank: a bare "cuda" means this rank's local GPU."""
-        if device.type == "cuda" and device.index is None and self.world > 1:
-            return torch.device("cuda", self.local_rank)
-        return device
 
     def barrier(self) -> None:
         if self.world > 1:

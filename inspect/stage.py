@@ -10,6 +10,7 @@ import torch
 
 from sae.cache.spec import file_sha256
 from sae.cache.store import Cache
+from sae.device import resolve_device
 from sae.errors import UserError
 from sae.inspect.config import InspectConfig
 from sae.inspect.effects import final_norm, nearest_latents, norm_gain, token_effects, unembedding
@@ -111,8 +112,6 @@ def header(run: Run, cfg: InspectConfig, plan: list[tuple[int, int]], rows_gated
 
 def inspect_data(run: Run, cfg: InspectConfig) -> dict:
     """latents.json's content for a run (the whole computation)."""
-    from sae.harvest.harvest import resolve_device
-
     plan = check_source(run, cfg)
     device = resolve_device(cfg.device)
     sae = load_sae(run.path, device)
@@ -158,10 +157,10 @@ def as_saved(record: dict) -> dict:
     return json.loads(json.dumps(record))
 
 
-def inspect_pipeline_runs(run_dirs: list[Path]) -> Path | None:
+def inspect_pipeline_runs(run_dirs: list[Path], cfg: InspectConfig) -> Path | None:
     """`sae run`'s inspection: the page of its BatchTopK run (else of its first run)."""
     if not run_dirs:
         return None
     archs = [json.loads((Path(d) / "cfg.json").read_text()).get("training_architecture") for d in run_dirs]
     run_dir = run_dirs[archs.index("batchtopk")] if "batchtopk" in archs else run_dirs[0]
-    return inspect_run(Path(run_dir), InspectConfig())
+    return inspect_run(Path(run_dir), cfg)

@@ -1,4 +1,9 @@
-"""The `sae` command: thin wrappers that build each stage's config and call it."""
+"""The `sae` command: one thin function per stage that builds its config and calls it.
+
+Each stage's options are its config dataclass's fields (sae.flags); pipeline.toml glue (which cache a
+`sae train` means, [[sweep]], resuming) is in sae.pipeline, so the stages never import one another's
+configs.
+"""
 
 import os
 import sys
@@ -8,27 +13,121 @@ import click
 import typer
 
 from sae.cache.cli import cache_app
-from sae.config import parse_sets
+from sae.config import apply_storage_options, parse_sets, stage_config
 from sae.errors import UserError
-from sae.evaluate.cli import compare_command, eval_command
-from sae.harvest.cli import harvest_command
-from sae.inspect.cli import inspect_command
-from sae.pipeline import run_pipeline
-from sae.train.cli import calibrate_command, train_command
+from sae.evaluate.config import EvalConfig
+from sae.flags import CONFIG, settings_command
+from sae.harvest.config import HarvestConfig
+from sae.inspect.config import InspectConfig
+from sae.train.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-app.command("harvest")(harvest_command)
-app.command("train")(train_command)
-app.command("calibrate")(calibrate_command)
-app.command("eval")(eval_command)
-app.command("compare")(compare_command)
-app.command("inspect")(inspect_command)
 app.add_typer(cache_app, name="cache")
+STAGES = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig, "inspect": InspectConfig}
+
+
+@app.command("harvest")
+@settings_command(HarvestConfig)
+def harvest_command(settings: dict, config: Path = CONFIG) -> None:
+    """Run the LM over text and write residual-stream activations to a zarr cache (resumable)."""
+    from sae.harvest.harvest import harvest
+
+    cfg = stage_config(HarvestConfig, "harvest", config, settings)
+    apply_storage_options(config)
+    print(harvest(cfg))  # stdout carries only results, so scripts can capture them
+
+
+@app.command("train")
+@settings_command(TrainConfig)
+def train_command(
+    settings: dict,
+    resume: Path = typer.Option(None, help="A run directory to continue exactly where it stopped (its whole sweep)."),
+    config: Path = CONFIG,
+) -> None:
+    """Train SAEs on a cached layer: one pass over the data feeds every SAE of the sweep."""
+    from sae.pipeline import resolve_cache, resumed_config, train_config
+    from sae.train.trainer import run_training
+
+    apply_storage_options(config)
+    if resume is not None:
+        cfg = resumed_config(resume, settings)
+    else:
+        cfg = train_config(config, settings)
+        cfg.cache = resolve_cache(cfg.cache, config)
+    for run_dir in run_training(cfg, cfg.cache, resume=resume is not None):
+        print(run_dir)
+
+
+@app.command("calibrate")
+@settings_command(TrainConfig, fields=("cache", "device"))
+def calibrate_command(
+    settings: dict,
+    run: Path = typer.Argument(..., help="A BatchTopK run directory."),
+    l0: float = typer.Option(None, help="Target mean L0 on the held-out rows (default: the run's k)."),
+    config: Path = CONFIG,
+) -> None:
+    """Choose BatchTopK's inference θ again so that its mean L0 on the run's held-out rows is --l0."""
+    from sae.train.theta import calibrate_run
+
+    apply_storage_options(config)
+    result = calibrate_run(run, l0, settings["cache"], settings["device"] or TrainConfig.device)
+    print(
+        f"θ = {result['theta']:.6g}: mean L0 {result['l0']:.3f} on {result['rows']:,} held-out rows (asked {result['target_l0']:g})"
+    )
+
+
+@app.command("eval")
+@settings_command(EvalConfig)
+def eval_command(
+    settings: dict,
+    runs: list[Path] = typer.Argument(..., help="Run directories, e.g. runs/* (the LM is loaded once per model)."),
+    config: Path = CONFIG,
+) -> None:
+    """Splice each run's SAE into its LM on held-out text: eval.json, report.md and PNGs in the run dir."""
+    from sae.evaluate.evaluate import evaluate_runs
+
+    cfg = stage_config(EvalConfig, "eval", config, settings)
+    apply_storage_options(config)
+    for path in evaluate_runs(runs, cfg):
+        print(path)
+
+
+@app.command("compare")
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Evaluated run directories, e.g. runs/*."),
+    out: Path = typer.Option(Path("comparison"), help="Folder for table.md, table.csv and the plots."),
+) -> None:
+    """Compare evaluated runs: a table and NMSE-vs-L0 and CE-degradation-vs-L0 plots (paper Figure 1)."""
+    from sae.evaluate.compare import compare_runs
+
+    print(compare_runs(runs, out))
+
+
+@app.command("inspect")
+@settings_command(InspectConfig)
+def inspect_command(
+    settings: dict,
+    run: Path = typer.Argument(..., help="A run directory."),
+    latent: int = typer.Option(
+        None, help="Print this latent's card in the terminal (reuses OUT/latents.json if it fits)."
+    ),
+    config: Path = CONFIG,
+) -> None:
+    """What each latent responds to, from one pass over the cache: a browsable page, or one latent's card."""
+    from sae.inspect.card import print_card
+    from sae.inspect.stage import inspect_run, saved_or_new
+
+    cfg = stage_config(InspectConfig, "inspect", config, settings)
+    apply_storage_options(config)
+    if latent is None:
+        print(inspect_run(run, cfg))
+    else:
+        print_card(saved_or_new(run, cfg, latent), latent)
 
 
 @app.command("run")
 def run_command(
-    config: Path = typer.Option(None, help="pipeline.toml to read (default: ./pipeline.toml if present)."),
+    config: Path = CONFIG,
     out: Path = typer.Option(None, help="Parent of the run directories (default: [train] out, ./runs)."),
     set_: list[str] = typer.Option(
         None, "--set", help="STAGE.KEY=VALUE over the file's value, e.g. train.gate_bos=true; repeatable."
@@ -37,12 +136,9 @@ def run_command(
     """The whole pipeline as pipeline.toml describes it: harvest, train, eval, inspect, compare; ends with
     the comparison table."""
     from sae.evaluate.compare import summary
-    from sae.evaluate.config import EvalConfig
-    from sae.harvest.config import HarvestConfig
-    from sae.train.config import TrainConfig
+    from sae.pipeline import run_pipeline
 
-    stages = {"harvest": HarvestConfig, "train": TrainConfig, "eval": EvalConfig}
-    comparison, page = run_pipeline(config, out, parse_sets(set_ or [], stages))
+    comparison, page = run_pipeline(config, out, parse_sets(set_ or [], STAGES))
     print(summary(comparison))
     if page is not None:
         print(f"latents: {page}")

@@ -1,14 +1,24 @@
-"""pipeline.toml loading: one table per stage, checked against that stage's config dataclass.
+"""Settings: declared once, on the fields of each stage's config dataclass; read from pipeline.toml.
+
+A field is a setting: its name is the pipeline.toml key and the `--set` key, its type and default are
+the dataclass's, the docstring under it is its help, and `setting(...)` adds what the type cannot say
+(allowed values, bounds, a flag alias such as `--layer` for `layers`). sae.flags makes every
+command's options from the same fields, and validate() checks the declared bounds and choices.
 
 Precedence: dataclass defaults < pipeline.toml < CLI flags. A key the dataclass does not have is an
 error naming the key and the closest valid one, so a typo never silently falls back to a default.
 """
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import textwrap
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +26,47 @@ from sae.errors import UserError
 
 T = TypeVar("T")
 DEFAULT_PIPELINE_TOML = Path("pipeline.toml")
-SECTIONS = ["harvest", "train", "sweep", "eval", "storage"]
+SECTIONS = ["harvest", "train", "sweep", "eval", "inspect", "storage"]
+
+
+def setting(
+    default: Any = dataclasses.MISSING, *, choices: Sequence[str] = (), positive: bool = False,
+    at_least: float | None = None, aliases: Sequence[str] = (),
+) -> Any:  # fmt: skip
+    """A config field with what its type does not say: allowed values (of the value, or of each item
+    of a tuple), a bound (positive: > 0; at_least: ≥), extra flag names. Mutable defaults (a Path)
+    are copied per instance."""
+    metadata = {"choices": tuple(choices), "positive": positive, "at_least": at_least, "aliases": tuple(aliases)}
+    if isinstance(default, Path):
+        return dataclasses.field(default_factory=lambda: Path(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def validate(config: Any) -> None:
+    """The declared checks of every field (choices and bounds, on each item of a tuple); None passes."""
+    for field in dataclasses.fields(config):
+        value, meta = getattr(config, field.name), field.metadata
+        for item in value if isinstance(value, tuple) else (value,):
+            if item is None:
+                continue
+            if meta.get("choices"):
+                check_choice(field.name, item, meta["choices"])
+            if meta.get("positive"):
+                check_positive(field.name, item)
+            if meta.get("at_least") is not None and not item >= meta["at_least"]:
+                raise UserError(f"{field.name} must be >= {meta['at_least']:g}, got {item}")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring} from the class source: the string under each annotated assignment."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and is_doc and isinstance(after.value.value, str):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 def read_pipeline_toml(path: Path | None) -> dict[str, Any]:
@@ -44,25 +94,13 @@ def apply_storage_options(config_path: Path | None) -> None:
 
 
 def stage_config(cls: type[T], section: str, config_path: Path | None, overrides: dict[str, Any]) -> T:
-    """cls from the [section] table of pipeline.toml, overridden by CLI flags that were given."""
+    """cls from the [section] table of pipeline.toml, overridden by the settings that were given."""
     table = read_pipeline_toml(config_path).get(section, {})
     return build_config(cls, table, overrides, f"[{section}] of {config_path or DEFAULT_PIPELINE_TOML}")
 
 
-def parse_ints(text: str | None) -> tuple[int, ...] | None:
-    """ "6,8,10" -> (6, 8, 10)."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UserError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def parse_count(text: str | None) -> int | None:
+def parse_count(text: str) -> int:
     """ "2e8", "1000000" or "1_000_000" -> an int."""
-    if text is None:
-        return None
     try:
         value = float(text.replace("_", ""))
     except ValueError:
@@ -70,11 +108,6 @@ def parse_count(text: str | None) -> int | None:
     if not value.is_integer() or value < 0:
         raise UserError(f"expected a non-negative whole count, got '{text}'")
     return int(value)
-
-
-def parse_counts(text: str | None) -> tuple[int, ...] | None:
-    """ "1e6,3e6" -> (1000000, 3000000)."""
-    return None if text is None else tuple(parse_count(part.strip()) for part in text.split(","))
 
 
 def parse_sets(items: list[str], stages: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -127,18 +160,32 @@ def build_config(cls: type[T], table: dict[str, Any], overrides: dict[str, Any],
     check_keys(table, names, where)
     values = {**table, **{k: v for k, v in overrides.items() if v is not None}}
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+    return cls(**{k: coerce(v, hints[k], k) for k, v in values.items()})
 
 
-def _coerce(value: Any, hint: Any, name: str) -> Any:
+def optional_inner(hint: Any) -> Any:
+    """X for X | None, else the hint itself."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def tuple_item(hint: Any) -> Any | None:
+    """X for tuple[X, ...], else None."""
+    if typing.get_origin(hint) is not tuple:
+        return None
+    (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+    return item
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
     """TOML has no tuples and writes 1e9 as a float; accept what a person would naturally write."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(value, inner[0], name)
-    if origin is tuple:  # a scalar where a list may go is a list of one: dict_size = 2304
-        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
-        return tuple(_coerce(v, item, name) for v in (value if isinstance(value, list | tuple) else [value]))
+    if value is None:
+        return None
+    hint = optional_inner(hint)
+    item = tuple_item(hint)
+    if item is not None:  # a scalar where a list may go is a list of one: dict_size = 2304
+        return tuple(coerce(v, item, name) for v in (value if isinstance(value, list | tuple) else [value]))
     if hint is int and isinstance(value, float):
         if not value.is_integer():
             raise UserError(f"{name} must be an integer, got {value}")

@@ -1,12 +1,15 @@
-"""Glue between stages that the CLI needs: which cache a `sae train` without --cache means."""
+"""Glue between stages that the CLI needs: which cache a `sae train` without --cache means, the
+[train] config with its [[sweep]], a resumed run's saved config, and `sae run` itself."""
 
+import json
 import shlex
 from pathlib import Path
 
 from sae.cache.store import default_cache_root, find_caches
-from sae.config import apply_storage_options, stage_config
+from sae.config import apply_storage_options, build_config, read_pipeline_toml, stage_config
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
+from sae.train.config import SWEEP_KEYS, TrainConfig
 
 
 def harvest_command_line(cfg: HarvestConfig) -> str:
@@ -40,27 +43,51 @@ def resolve_cache(cache: str | None, config_path: Path | None) -> str:
     return max(matches, key=lambda c: c.n_contexts).path
 
 
+def train_config(config_path: Path | None, settings: dict) -> TrainConfig:
+    """[train] with its settings; [[sweep]] tables unless a setting gives the grid or the sweep itself."""
+    grid = any(settings.get(key) is not None for key in (*SWEEP_KEYS, "sweep"))
+    sweep = read_pipeline_toml(config_path).get("sweep")
+    if sweep and not grid:
+        settings = {**settings, "sweep": tuple(sweep)}
+    return stage_config(TrainConfig, "train", config_path, settings)
+
+
+def resumed_config(run_dir: Path, settings: dict) -> TrainConfig:
+    """The saved config of run_dir's sweep, reading its cache there or at --cache (e.g. after moving it)."""
+    cfg_path = run_dir / "cfg.json"
+    if not cfg_path.exists():
+        raise UserError(f"{run_dir} is not a run directory (no cfg.json); nothing to resume")
+    given = sorted(name for name, value in settings.items() if value is not None and name != "cache")
+    if given:
+        raise UserError(f"--resume continues with the run's saved config; drop --{given[0].replace('_', '-')}")
+    saved = json.loads(cfg_path.read_text())
+    cache = settings["cache"] or saved["cache"]["path"]
+    where = f"{cfg_path} train_config"
+    return build_config(TrainConfig, saved["train_config"], {"out": run_dir.parent, "cache": cache}, where)
+
+
 def run_pipeline(
     config_path: Path | None, out: Path | None, sets: dict[str, dict] | None = None
 ) -> tuple[Path, Path | None]:
     """harvest → train (the [train]/[[sweep]] SAEs) → eval each run → inspect the BatchTopK run →
-    compare; returns (the comparison folder, the inspect page). Each stage reads its table of pipeline.toml, exactly as its own command does,
-    then the overrides in sets[stage] ({"train": {"gate_bos": True}}, from `--set`)."""
+    compare; returns (the comparison folder, the inspect page). Each stage reads its table of
+    pipeline.toml, exactly as its own command does, then the overrides in sets[stage]
+    ({"train": {"gate_bos": True}}, from `--set`)."""
     from sae.evaluate.compare import compare_runs
     from sae.evaluate.config import EvalConfig
     from sae.evaluate.evaluate import evaluate_runs
     from sae.harvest.harvest import harvest
+    from sae.inspect.config import InspectConfig
     from sae.inspect.stage import inspect_pipeline_runs
-    from sae.train.cli import train_config
     from sae.train.trainer import run_training
 
     sets = sets or {}
     apply_storage_options(config_path)
     cache = harvest(stage_config(HarvestConfig, "harvest", config_path, sets.get("harvest", {})))
-    train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out})
+    train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out, "cache": cache})
     run_dirs = run_training(train_cfg, cache)
     evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, sets.get("eval", {})))
-    page = inspect_pipeline_runs(run_dirs)  # the latent browser of the BatchTopK run
+    page = inspect_pipeline_runs(run_dirs, stage_config(InspectConfig, "inspect", config_path, sets.get("inspect", {})))
     out_dir = Path(train_cfg.out)
     # beside the runs, not among them: `sae eval runs/*` and `sae compare runs/*` must see only runs
     return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison")), page

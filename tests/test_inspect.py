@@ -278,7 +278,7 @@ def script_data(path: Path, prefix: str):
 def test_sae_run_inspects_its_batchtopk_run(inspected, cache_path, tmp_path):  # noqa: F811
     topk = save_with_heldout(tmp_path / "topk", random_sae("topk", 4, 64), cache_path, [1], 1)
     btk = save_with_heldout(tmp_path / "btk", random_sae("batchtopk", 4, 64), cache_path, [1], 1)
-    page = inspect_pipeline_runs([topk, btk])
+    page = inspect_pipeline_runs([topk, btk], InspectConfig())
     assert page == btk / "inspect" / "index.html" and page.exists() and not (topk / "inspect").exists()
 
 

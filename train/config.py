@@ -5,11 +5,11 @@ tables; every SAE of it is trained on the same single pass over the cache.
 """
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sae.config import check_choice, check_gate_norm, check_keys, check_positive
+from sae.config import check_choice, check_gate_norm, check_keys, setting, validate
 from sae.errors import UserError
 
 ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
@@ -39,8 +39,8 @@ class SAESpec(NamedTuple):
 
 @dataclass
 class TrainConfig:
-    arch: tuple[str, ...] = ("batchtopk",)
-    """Architectures: batchtopk, topk, jumprelu, relu. Several make a sweep."""
+    arch: tuple[str, ...] = setting(("batchtopk",), choices=ARCHS)
+    """Architectures to train; several make a sweep."""
     k: tuple[int, ...] = (32,)
     """Active latents per token for topk and batchtopk (batchtopk: on average over the batch)."""
     dict_size: tuple[int, ...] = (12288,)
@@ -52,20 +52,23 @@ class TrainConfig:
     sweep: tuple[dict[str, Any], ...] = ()
     """Explicit SAE list ([[sweep]] tables of arch/k/dict_size/l0_coeff/l1_coeff, scalars or lists);
     when given it replaces the arch × k × dict_size grid above."""
+    cache: str | None = None
+    """Cache path or URL to train on; None: the cache of pipeline.toml's [harvest] spec."""
     layer: int | None = None
     """Cache layer to train on; None: the cache's only layer."""
-    tokens: int | None = None
+    tokens: int | None = setting(None, positive=True)
     """Training tokens per SAE, at most `epochs` passes' worth; None: all of them (paper: 1e9, one pass)."""
-    epochs: float = 1.0
+    epochs: float = setting(1.0, positive=True)
     """Passes over the cache's ungated training rows allowed (may be fractional); each pass visits
     the chunks and rows in a fresh seeded order."""
-    snapshots: tuple[int, ...] = ()
+    snapshots: tuple[int, ...] = setting((), positive=True)
     """Training-token counts at which each SAE is also saved as a complete run directory
     (RUN/snapshots/<tokens>/, θ chosen and held-out figures as at the end): learning curves from one run."""
-    batch_size: int = 4096
+    batch_size: int = setting(4096, positive=True)
     """Activations per step (paper: 4096)."""
-    lr: float = 3e-4
-    threshold_lr: float | None = None
+    lr: float = setting(3e-4, positive=True)
+    """Adam learning rate (paper: 3e-4)."""
+    threshold_lr: float | None = setting(None, positive=True)
     """Adam learning rate of JumpReLU's log θ; None: lr. Adam moves log θ by at most about this much a
     step, so a run of n steps can scale θ by e^(n·lr) at most: at lr 3e-4 a 250-step run cannot move L0
     to where λ asks, whatever λ is. Short runs need a larger one (the paper experiment uses 0.01)."""
@@ -73,23 +76,23 @@ class TrainConfig:
     """Adam betas (paper: 0.9, 0.99)."""
     seed: int = 49
     """Seeds the initialisation and the data order (the reference code's 49)."""
-    grad_clip: float = 1e5
+    grad_clip: float = setting(1e5, positive=True)
     """Gradient-norm clip (the reference code's 1e5: a guard against blow-ups, not a regulariser)."""
-    aux_k: int = 512
+    aux_k: int = setting(512, positive=True)
     """AuxK: dead latents used to reconstruct the residual (Gao et al.: 512)."""
     aux_coeff: float = 1 / 32
     """AuxK loss coefficient α (Gao et al.: 1/32)."""
-    dead_tokens: int = 20_480
+    dead_tokens: int = setting(20_480, positive=True)
     """A latent is dead once it has not fired for this many tokens (reference code: 5 batches of 4096)."""
-    bandwidth: float = 0.001
+    bandwidth: float = setting(0.001, positive=True)
     """JumpReLU straight-through-estimator rectangle width ε (paper: 0.001)."""
-    jumprelu_init_threshold: float = 1.0
+    jumprelu_init_threshold: float = setting(1.0, positive=True)
     """Initial JumpReLU threshold θ (reference code: log θ = 0; inputs are O(1) per dimension after
     normalisation). The JumpReLU paper's 0.001 leaves L0 near m for thousands of steps at lr 3e-4."""
     theta_tail: float = 0.1
     """BatchTopK θ (eq. 7) is averaged over the batches of this final fraction of training, whose
     activations match the final weights; earlier batches describe an encoder that no longer exists."""
-    normalize: str = "standardize"
+    normalize: str = setting("standardize", choices=NORMALIZATIONS)
     """Input normalisation: standardize (per sample, as the reference code; saved as SAELens
     "layer_norm"); scale (one dataset-wide factor so E‖x‖ = √d, folded into the saved weights); none.
     The default is the BatchTopK study's best treatment (docs/results.md): every row at its own scale,
@@ -102,38 +105,38 @@ class TrainConfig:
     """Gate rows whose norm exceeds this multiple of the cache's median row norm: the massive-norm rows
     (attention sinks), whatever their token or position; 0: no norm gate (the default: with per-sample
     standardisation the study found no gate better, at every position too; docs/results.md)."""
-    b_dec_init: str = "median"
+    b_dec_init: str = setting("median", choices=B_DEC_INITS)
     """The decoder bias's initial value: median, the geometric median of a sample of the (normalised,
-    ungated) training rows, as Gao et al. initialise it; or zeros (the reference code). Residual-stream
+    ungated) training rows (Gao et al.'s initialisation); or zeros (the reference code). Residual-stream
     rows share a large mean direction: from b_dec 0 it decides which latents can fire at all, and
     after one pass of SmolLM2 layer 15 half of them were still dead (docs/results.md)."""
-    theta: str = "calibrated"
+    theta: str = setting("calibrated", choices=THETAS)
     """BatchTopK's saved inference threshold: calibrated (chosen on the held-out rows so that their
     mean L0 is k: comparisons with TopK are at equal L0) or eq7 (the paper's estimate from training
     batches). Both are recorded in cfg.json either way."""
-    holdout_chunks: int = 1
+    holdout_chunks: int = setting(1, at_least=0)
     """Last full cache chunks (and a partial last chunk, if any) kept out of training; each SAE reports
     FVU and L0 on them at the end."""
-    buffer_chunks: int = 32
+    buffer_chunks: int = setting(32, positive=True)
     """Chunks shuffled together in the loader's buffer (32 × 128 contexts by default)."""
-    loader_threads: int = 4
+    loader_threads: int = setting(4, positive=True)
     """Background threads decoding chunks."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1, ..."""
-    precision: str = "tf32"
+    precision: str = setting("tf32", choices=PRECISIONS)
     """Matmul precision on CUDA: fp32, tf32, or bf16 autocast (weights and thresholds stay fp32)."""
-    decode: str = "auto"
+    decode: str = setting("auto", choices=DECODES)
     """(batch)topk's decode and encoder gradient: sparse (a gather over the k active rows of W_dec,
     embedding_bag, and the encoder's gradient at the kept entries only: train.sparse), dense (a
     [B, m] @ [m, d] matmul and autograd's dense backward), or auto: sparse on CPU, dense on CUDA, the
     faster of the two on each (dense decode: 2.0x sparse on an H100)."""
     compile: bool = False
     """torch.compile the SAE forward (worth it on CUDA; on CPU it needs a C compiler)."""
-    log_every: int = 50
+    log_every: int = setting(50, positive=True)
     """Steps between metrics.jsonl lines and progress updates (the only host-device syncs)."""
-    checkpoint_every: int = 2000
+    checkpoint_every: int = setting(2000, positive=True)
     """Steps between resumable checkpoints (also written at the end)."""
-    out: Path = field(default_factory=lambda: Path("runs"))
+    out: Path = setting(Path("runs"))
     """Parent directory of the run directories."""
     wandb: str | None = None
     """W&B project to log to (needs `pip install wandb`); None: no W&B."""
@@ -141,29 +144,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("arch", "k", "dict_size", "l0_coeff", "l1_coeff", "betas", "sweep", "snapshots"):
             setattr(self, name, tuple(getattr(self, name)))
-        check_choice("normalize", self.normalize, NORMALIZATIONS)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("decode", self.decode, DECODES)
-        check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
-        for name in ("batch_size", "aux_k", "dead_tokens", "buffer_chunks", "loader_threads", "log_every"):
-            check_positive(name, getattr(self, name))
-        if self.threshold_lr is not None:
-            check_positive("threshold_lr", self.threshold_lr)
-        for name in ("lr", "bandwidth", "jumprelu_init_threshold", "grad_clip", "checkpoint_every"):
-            check_positive(name, getattr(self, name))
-        if self.tokens is not None:
-            check_positive("tokens", self.tokens)
+        validate(self)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 < self.theta_tail <= 1:
             raise UserError(f"theta_tail must be in (0, 1], got {self.theta_tail}")
         check_gate_norm(self.gate_norm)
-        check_choice("theta", self.theta, THETAS)
-        check_positive("epochs", self.epochs)
-        for tokens in self.snapshots:
-            check_positive("snapshots", tokens)
-        if self.holdout_chunks < 0:
-            raise UserError(f"holdout_chunks must be >= 0, got {self.holdout_chunks}")
         self.specs()  # validates every SAE of the sweep
 
     def specs(self) -> list[SAESpec]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sae.device import resolve_device
 from sae.errors import UserError
 from sae.train.checkpoint import load_sae, read_run, save_run
 from sae.train.heldout import batches, evaluate_heldout, heldout_rows
@@ -67,7 +68,7 @@ def calibrate_theta(sae: SparseAutoencoder, inputs: Iterable[Tensor], target_l0:
     return {"theta": theta, "target_l0": target_l0, "l0": l0, "rows": n_rows}
 
 
-def calibrate_run(run_dir: Path, target_l0: float | None = None, cache: Path | None = None,
+def calibrate_run(run_dir: Path, target_l0: float | None = None, cache: str | None = None,
                   device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     """Choose a saved BatchTopK run's θ again on its held-out rows (gated as in training) for mean L0
     = target_l0 (default k); rewrites its weights and cfg.json (eq. 7's θ stays beside it)."""
@@ -80,6 +81,7 @@ def calibrate_run(run_dir: Path, target_l0: float | None = None, cache: Path | N
         raise UserError(
             f"run {run_dir} has no held-out rows to calibrate on (trained with --holdout-chunks 0, or unfinished)"
         )
+    device = resolve_device(device)
     sae = load_sae(run_dir, device)
     target = sae.spec.k if target_l0 is None else target_l0
     if not 0 < target < sae.m:
@@ -87,10 +89,10 @@ def calibrate_run(run_dir: Path, target_l0: float | None = None, cache: Path | N
     mode = sae.input_mode  # the scale is in the weights
     held = heldout_rows(run.cache, run.layer, chunks, sae.gate)
     batch_size = run.cfg["train_config"]["batch_size"]
-    inputs = (normalize_input(x_BD, mode)[0] for x_BD in batches(held.rows_ND, batch_size, torch.device(device)))
+    inputs = (normalize_input(x_BD, mode)[0] for x_BD in batches(held.rows_ND, batch_size, device))
     calibration = calibrate_theta(sae, inputs, target)
     sae.theta.fill_(calibration["theta"])
-    heldout = {**run.cfg["heldout"], **evaluate_heldout(sae, held, mode, 1.0, batch_size, torch.device(device))}
+    heldout = {**run.cfg["heldout"], **evaluate_heldout(sae, held, mode, 1.0, batch_size, device)}
     cfg = {**run.cfg, "theta": calibration["theta"], "theta_source": "calibrated", "theta_calibration": calibration}
     save_run(Path(run_dir), sae, 1.0, {**cfg, "heldout": heldout})
     return calibration

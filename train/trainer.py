@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from sae.cache.store import Cache, open_cache
 from sae.config import to_jsonable
+from sae.device import resolve_device
 from sae.errors import UserError
 from sae.progress import make_progress
 from sae.train.checkpoint import (
@@ -36,14 +37,6 @@ from sae.train.theta import Eq7Estimate, calibrate_theta
 from sae.versions import library_versions
 
 METRIC_NAMES = ("loss", "mse", "sparsity", "aux", "l0")
-
-
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked but CUDA is not available; use --device cpu")
-    return torch.device(name)
 
 
 def configure_backend(device: torch.device, precision: str) -> None:
@@ -172,7 +165,7 @@ def run_training(cfg: TrainConfig, cache_path: Path, resume: bool = False) -> li
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(cfg.device)
     configure_backend(device, cfg.precision)
     cache = open_cache(cache_path)
     layer = pick_layer(cfg, cache)
