@@ -39,7 +39,7 @@ from sae.device import resolve_device
 from sae.harvest.config import HarvestConfig
 from sae.harvest.harvest import WRITERS, harvest
 from sae.harvest.model import LoadedModel, load_model
-from sae.train.synthetic import synthetic_spec
+from tests.synthetic import synthetic_spec
 
 CODECS = [
     "none", "zstd:1", "zstd:3", "zstd:9", "blosc-zstd:1:shuffle", "blosc-zstd:1:bitshuffle",

@@ -31,8 +31,8 @@ from sae.inspect.config import InspectConfig
 from sae.inspect.scan import Scanner, plan_rows, scan
 from sae.train.config import SAESpec
 from sae.train.sae import SparseAutoencoder
-from sae.train.synthetic import planted_acts, write_cache
 from sae.train.theta import calibrate_theta
+from tests.synthetic import planted_acts, write_cache
 
 CTX_LEN, CHUNK_CONTEXTS = 128, 128
 

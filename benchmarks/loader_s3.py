@@ -23,7 +23,7 @@ import torch
 
 from sae.cache.store import open_cache
 from sae.train.loader import Loader
-from sae.train.synthetic import write_cache
+from tests.synthetic import write_cache
 
 
 def moto_server() -> tuple[subprocess.Popen, str]:

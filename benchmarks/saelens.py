@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from sae.cache.store import open_cache  # noqa: E402
 from sae.train.checkpoint import load_sae  # noqa: E402
 from sae.train.config import TrainConfig  # noqa: E402
-from sae.train.synthetic import planted_acts, write_cache  # noqa: E402
 from sae.train.trainer import run_training  # noqa: E402
+from tests.synthetic import planted_acts, write_cache  # noqa: E402
 
 CTX_LEN, HELD_BATCHES, LOG_EVERY = 128, 8, 5
 

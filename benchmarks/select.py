@@ -31,8 +31,8 @@ from benchmarks.train import tokens_per_s
 from sae.train.config import TrainConfig
 from sae.train.sae import SAEOutput, SparseAutoencoder
 from sae.train.sparse import Active, decode_dense, select_batchtopk, select_topk
-from sae.train.synthetic import planted_acts
 from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, train_step
+from tests.synthetic import planted_acts
 
 # (name, d, m, k, B): the paper's GPT-2 small layer 8 and the demo's SmolLM2-135M layer 6
 PAPER = ("paper", 768, 12288, 32, 4096)

@@ -24,8 +24,8 @@ from benchmarks.reference import ReferenceSAE
 from sae.cache.store import open_cache
 from sae.train.config import TrainConfig
 from sae.train.loader import Loader
-from sae.train.synthetic import planted_acts, write_cache
 from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, run_training, train_step
+from tests.synthetic import planted_acts, write_cache
 
 BASELINE = "reference-style (dense fp32)"
 SPARSE, DENSE = "ours, sparse decode", "ours, dense decode"  # TF32 on CUDA

@@ -67,7 +67,7 @@ def test_without_a_terminal_progress_is_plain_lines_never_cut(tmp_path):
     import os
     import subprocess
 
-    from sae.train.synthetic import planted_acts, write_cache
+    from tests.synthetic import planted_acts, write_cache
 
     cache = write_cache(tmp_path / "caches", planted_acts(8 * 256, 32, 64, 4), ctx_len=16, chunk_contexts=16)
     args = ["train", "--cache", str(cache), "--arch", "batchtopk,topk", "--k", "4", "--dict-size", "64"]

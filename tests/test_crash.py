@@ -31,8 +31,8 @@ from sae.harvest.harvest import harvest
 from sae.harvest.model import load_model
 from sae.train.checkpoint import WEIGHTS, checkpoint_steps
 from sae.train.config import TrainConfig
-from sae.train.synthetic import planted_acts, write_cache
 from sae.train.trainer import run_training
+from tests.synthetic import planted_acts, write_cache
 from tests.test_harvest import small_config
 
 SEED = int(os.environ.get("SAE_CRASH_SEED", "20261201"))

@@ -36,7 +36,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_on_gloo(tmp_path):
-    from sae.train.synthetic import planted_acts, write_cache
+    from tests.synthetic import planted_acts, write_cache
 
     cache = write_cache(tmp_path / "caches", planted_acts(8 * 256, 16, 48, 4.0), ctx_len=32, chunk_contexts=8)
     script = tmp_path / "train_ddp.py"

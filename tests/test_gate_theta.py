@@ -16,9 +16,9 @@ from sae.train.config import SAESpec, TrainConfig
 from sae.train.gate import Gate, build_gate, chunk_rows
 from sae.train.loader import Loader
 from sae.train.sae import SparseAutoencoder
-from sae.train.synthetic import planted_acts, write_cache
 from sae.train.theta import calibrate_theta
 from sae.train.trainer import run_training
+from tests.synthetic import planted_acts, write_cache
 from tests.test_cli import run_sae
 
 D, CTX, CHUNK_CTX, CHUNKS = 32, 16, 16, 10  # 256 rows a chunk; the last chunk is held out

@@ -22,7 +22,7 @@ from sae.train.checkpoint import load_sae, read_run, run_cfg, save_run
 from sae.train.config import SAESpec
 from sae.train.gate import Gate, chunk_rows
 from sae.train.sae import SparseAutoencoder
-from sae.train.synthetic import write_cache
+from tests.synthetic import write_cache
 from tests.test_cli import run_sae
 from tests.test_evaluate import cache_path, data, random_sae  # noqa: F401  (module fixtures)
 

@@ -7,9 +7,9 @@ from sae.errors import UserError
 from sae.train.config import SAESpec, TrainConfig
 from sae.train.sae import SparseAutoencoder
 from sae.train.sparse import decode_dense, decode_sparse, select_batchtopk, select_topk
-from sae.train.synthetic import planted_acts
 from sae.train.theta import Eq7Estimate
 from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, train_step
+from tests.synthetic import planted_acts
 
 D, FEATURES, K = 64, 128, 4
 

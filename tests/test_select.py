@@ -15,7 +15,7 @@ from sae.train.sparse import (
     select_dead,
     select_topk,
 )
-from sae.train.synthetic import planted_acts
+from tests.synthetic import planted_acts
 
 FAST_PATHS = [select_batchtopk_threshold, select_batchtopk_plain]
 

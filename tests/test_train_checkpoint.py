@@ -13,8 +13,8 @@ from sae.cli import app
 from sae.train.checkpoint import WEIGHTS, load_checkpoint, load_sae, reconstruct
 from sae.train.config import TrainConfig
 from sae.train.sae import normalize_input
-from sae.train.synthetic import planted_acts, write_cache
 from sae.train.trainer import make_sae, run_training
+from tests.synthetic import planted_acts, write_cache
 
 D, CTX, CHUNK_CTX = 32, 16, 16
 PIPELINE_TOML = Path(__file__).parent.parent / "pipeline.toml"

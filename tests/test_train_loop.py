@@ -13,8 +13,8 @@ import sae.train.trainer as trainer_module
 from sae.errors import UserError
 from sae.train.checkpoint import METRICS, WEIGHTS, checkpoint_steps
 from sae.train.config import TrainConfig
-from sae.train.synthetic import planted_acts, write_cache
 from sae.train.trainer import run_training
+from tests.synthetic import planted_acts, write_cache
 
 D, CTX, CHUNK_CTX, CHUNKS = 32, 16, 16, 12  # 256 rows a chunk; the last chunk is held out
 TRAIN_ROWS = (CHUNKS - 1) * CHUNK_CTX * CTX
@@ -119,8 +119,8 @@ def test_unwritable_or_occupied_run_directories_are_refused(cache, tmp_path):
 
 def test_holdout_takes_full_chunks_and_the_partial_last_one(tmp_path):
     from sae.cache.store import open_cache
-    from sae.train.synthetic import write_cache
     from sae.train.trainer import holdout_chunks
+    from tests.synthetic import write_cache
 
     cache = open_cache(write_cache(tmp_path, torch.randn(10 * 4, 8), ctx_len=4, chunk_contexts=4))
     assert cache.n_chunks == 3 and cache.contexts_in_chunk(2) == 2

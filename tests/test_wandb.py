@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sae.train.config import TrainConfig
-from sae.train.synthetic import planted_acts, write_cache
 from sae.train.trainer import run_training
+from tests.synthetic import planted_acts, write_cache
 
 wandb = pytest.importorskip("wandb")
 
