@@ -29,8 +29,8 @@ from sae.evaluate.config import EvalConfig
 from sae.harvest.config import HarvestConfig
 from sae.harvest.harvest import harvest
 from sae.harvest.model import load_model
-from sae.train.checkpoint import run_cfg, save_run
 from sae.train.config import SAESpec
+from sae.train.rundir import cache_record, run_cfg, save_run
 from sae.train.sae import SparseAutoencoder
 
 
@@ -55,7 +55,7 @@ def save_saes(out: Path, cache: Path, layer: int, n: int, d: int, m: int, k: int
             sae.theta.fill_(0.5)
         run_dir = out / f"L{layer}_{i}_{arch}"
         run_dir.mkdir(parents=True)
-        save_run(run_dir, sae, 1.0, run_cfg(sae, False, open_cache(cache), layer))
+        save_run(run_dir, sae, run_cfg(sae, cache_record(open_cache(cache), layer), {}))
         runs.append(run_dir)
     return runs
 

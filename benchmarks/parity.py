@@ -34,10 +34,10 @@ import torch
 from benchmarks.reference import ReferenceSAE
 from sae.cache.store import Cache, open_cache
 from sae.train import trainer
-from sae.train.checkpoint import load_sae, reconstruct
 from sae.train.config import TrainConfig
 from sae.train.loader import Loader
-from sae.train.trainer import pick_layer
+from sae.train.plan import pick_layer
+from sae.train.rundir import load_sae
 
 
 def feeding(refs: list[ReferenceSAE]):
@@ -99,7 +99,7 @@ def run_seed(args, cache: Cache, layer: int, seed: int, out: Path) -> tuple[list
         ours = load_sae(run_dir)
         forms = {"": (False, None)} if arch != "batchtopk" else {"batch": (True, None), "θ": (False, ref.theta())}
         for form, (batch_mode, ref_theta) in forms.items():
-            fvu_ours, l0_ours = fvu_l0(partial(reconstruct, ours, batch_mode=batch_mode), heldout)
+            fvu_ours, l0_ours = fvu_l0(partial(ours.reconstruct, batch_mode=batch_mode), heldout)
             fvu_ref, l0_ref = fvu_l0(partial(ref.reconstruct, theta=ref_theta), heldout)
             if not batch_mode and abs(fvu_ours - report["fvu"]) > 1e-4 * report["fvu"]:
                 print(f"warning: {arch}: FVU {fvu_ours:.6f} here but {report['fvu']:.6f} in ours' own held-out report")

@@ -29,8 +29,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bar; ours is of
 import torch  # noqa: E402
 
 from sae.cache.store import open_cache  # noqa: E402
-from sae.train.checkpoint import load_sae  # noqa: E402
 from sae.train.config import TrainConfig  # noqa: E402
+from sae.train.rundir import load_sae  # noqa: E402
 from sae.train.trainer import run_training  # noqa: E402
 from tests.synthetic import planted_acts, write_cache  # noqa: E402
 

@@ -28,10 +28,12 @@ from torch import Tensor
 
 import sae.train.sparse as sparse_module
 from benchmarks.train import tokens_per_s
+from sae.train.archs import SAEOutput
+from sae.train.archs.topk import TopK, fired
 from sae.train.config import TrainConfig
-from sae.train.sae import SAEOutput, SparseAutoencoder
 from sae.train.sparse import Active, decode_dense, select_batchtopk, select_topk
-from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, train_step
+from sae.train.state import DeadLatents, make_optimizer, make_sae
+from sae.train.trainer import configure_backend, train_step
 from tests.synthetic import planted_acts
 
 # (name, d, m, k, B): the paper's GPT-2 small layer 8 and the demo's SmolLM2-135M layer 6
@@ -58,48 +60,38 @@ def decode_sparse_before(active: Active, W_dec_MD: Tensor) -> Tensor:
     return F.embedding_bag(active.cols_N, W_dec_MD, active.offsets_B, mode="sum", per_sample_weights=active.acts_N)
 
 
-class BeforeSAE(SparseAutoencoder):
-    """The forward before the threshold path, verbatim (topk archs): autograd through the dense
-    pre-activations, AuxK's top-k over every column; `select_fn` is its BatchTopK selection."""
+class BeforeBatchTopK(TopK):
+    """The forward before the threshold path, verbatim: autograd through the dense pre-activations,
+    AuxK's top-k over every column; `select_fn` is its BatchTopK selection (topk: select_topk)."""
 
-    select_fn = staticmethod(select_before)
+    def __init__(self, spec, cfg, select_fn=select_before):
+        super().__init__(spec, cfg)
+        self.select_fn = select_topk if spec.arch == "topk" else select_fn
 
-    def pre_acts(self, x_BD: Tensor) -> Tensor:
-        return F.relu(x_BD @ self.W_enc - self.b_dec @ self.W_enc + self.b_enc)
-
-    def forward(self, x_BD: Tensor, aux_k: int = 0) -> SAEOutput:
-        B = x_BD.shape[0]
-        pre_BM = self.pre_acts(x_BD)
+    def forward(self, sae, x_BD: Tensor, aux_k: int) -> SAEOutput:
+        pre_BM = F.relu(x_BD @ sae.W_enc - sae.b_dec @ sae.W_enc + sae.b_enc)
         zero = pre_BM.new_zeros(())
-        sparsity = aux = zero
-        select = select_topk if self.spec.arch == "topk" else self.select_fn
-        active = select(pre_BM, self.spec.k)
-        decode = decode_sparse_before if self.sparse_decode else decode_dense
-        recon_BD = decode(active, self.W_dec) + self.b_dec
-        latents, fired_N = active, (active.acts_N > 0).detach()
-        l0_B = torch.zeros(B, device=x_BD.device).index_add_(0, active.rows_N, fired_N.float())
-        fired_M = torch.zeros(self.m, device=x_BD.device).index_add_(0, active.cols_N, fired_N.float()) > 0
-        if aux_k:
-            aux = self.aux_coeff * self.auxk_loss(x_BD, recon_BD, pre_BM, aux_k)
-        mse = (recon_BD.float() - x_BD.float()).square().mean()
-        if self.training:
-            self.tokens_since_fired_M.add_(B).masked_fill_(fired_M, 0)
-        return SAEOutput(recon_BD, latents, l0_B, fired_M, mse, sparsity, aux, mse + sparsity + aux)
+        active = self.select_fn(pre_BM, self.spec.k)
+        decode = decode_sparse_before if sae.sparse_decode else decode_dense
+        recon_BD = decode(active, sae.W_dec) + sae.b_dec
+        l0_B, fired_M = fired(active, len(x_BD), sae.m)
+        aux = self.aux_coeff * self.auxk_before(sae, x_BD, recon_BD, pre_BM, aux_k) if aux_k else zero
+        mse = sae.mse(recon_BD, x_BD)
+        return SAEOutput(recon_BD, active, l0_B, fired_M, mse, zero, aux, mse + zero + aux)
 
-    def auxk_loss(self, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor, aux_k: int) -> Tensor:
-        dead_M = self.dead_M()
-        active = select_topk(pre_BM * dead_M, min(aux_k, self.m))  # live latents score 0 and add nothing
-        decode = decode_sparse_before if self.sparse_decode else decode_dense
+    def auxk_before(self, sae, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor, aux_k: int) -> Tensor:
+        dead_M = sae.dead_M()
+        active = select_topk(pre_BM * dead_M, min(aux_k, sae.m))  # live latents score 0 and add nothing
+        decode = decode_sparse_before if sae.sparse_decode else decode_dense
         residual_BD = (x_BD - recon_BD).detach()
-        return (decode(active, self.W_dec).float() - residual_BD.float()).square().mean() * dead_M.any()
+        return (decode(active, sae.W_dec).float() - residual_BD.float()).square().mean() * dead_M.any()
 
 
 def step_fn(cfg: TrainConfig, d: int, device: torch.device, select=None):
-    """One training step of the trainer (train_step) on standardised rows; `select`: BeforeSAE with it."""
+    """One training step of the trainer (train_step) on standardised rows; `select`: the forward before, with it."""
     sae = make_sae(cfg, cfg.specs()[0], d, device)
-    if select is not None:
-        sae.__class__ = BeforeSAE  # the same initial weights, the old forward
-        sae.select_fn = select
+    if select is not None:  # the same initial weights, the old forward
+        sae.arch = BeforeBatchTopK(sae.spec, cfg, select)
     sae.tokens_since_fired_M[: sae.m // 10] = cfg.dead_tokens  # a tenth dead: AuxK runs
     opt = make_optimizer(cfg, sae)
     dead = DeadLatents(sae)

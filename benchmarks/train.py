@@ -24,7 +24,8 @@ from benchmarks.reference import ReferenceSAE
 from sae.cache.store import open_cache
 from sae.train.config import TrainConfig
 from sae.train.loader import Loader
-from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, run_training, train_step
+from sae.train.state import DeadLatents, make_optimizer, make_sae
+from sae.train.trainer import configure_backend, run_training, train_step
 from tests.synthetic import planted_acts, write_cache
 
 BASELINE = "reference-style (dense fp32)"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from sae.errors import UserError
 from sae.evaluate.plots import l0_distributions, metric_vs_l0
-from sae.evaluate.report import EVAL_JSON
-from sae.train.sae import TOPK_ARCHS
+from sae.train.archs import sparsity_knob
+from sae.train.rundir import EVAL
 
 TABLE_MD, TABLE_CSV = "table.md", "table.csv"
 NMSE_PNG, CE_PNG, L0_PNG = "nmse_vs_l0.png", "ce_degradation_vs_l0.png", "l0_distributions.png"
@@ -22,9 +22,9 @@ COUNT_COLUMNS = ("gated_fraction", "dead_latents", "dense_latents", "n_tokens")
 def load_results(run_dirs: list[Path]) -> list[dict]:
     results = []
     for run_dir in run_dirs:
-        path = Path(run_dir) / EVAL_JSON
+        path = Path(run_dir) / EVAL
         if not path.is_file():
-            raise UserError(f"run {run_dir} has no {EVAL_JSON}; evaluate it first with `sae eval {run_dir}`")
+            raise UserError(f"run {run_dir} has no {EVAL}; evaluate it first with `sae eval {run_dir}`")
         results.append(json.loads(path.read_text()))
     return results
 
@@ -34,7 +34,7 @@ def table_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
         row = {c: r["run"].get(c) for c in RUN_COLUMNS}
-        if r["run"]["arch"] not in TOPK_ARCHS:
+        if sparsity_knob(r["run"]["arch"]) != "k":
             row["k"] = None  # k is not a knob of jumprelu and relu
         for c in METRIC_COLUMNS:
             row[c], row[f"{c}_stderr"] = r.get(c), r.get(f"{c}_stderr")

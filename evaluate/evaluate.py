@@ -38,8 +38,8 @@ from sae.evaluate.report import write_outputs
 from sae.evaluate.splice import Splicer
 from sae.harvest.model import LoadedModel, check_site, load_model
 from sae.progress import make_progress
-from sae.train.checkpoint import Run, load_sae, read_run, reconstruct_rows
-from sae.train.gate import Gate, build_gate
+from sae.train.gate import build_gate
+from sae.train.rundir import Run, load_sae, read_run
 from sae.train.sae import SparseAutoencoder
 from sae.versions import library_versions
 
@@ -89,11 +89,9 @@ def _evaluate_group(runs: list[Run], loaded: LoadedModel, cfg: EvalConfig, devic
     plan, source = eval_plan(cfg, cache.spec, require_stream(cache.meta["stream_end"], cache.path), str(cache.path))
     tokens_CT, plan = heldout_tokens(plan, source, loaded.tokenizer)
     plan["model_revision"] = loaded.revision
-    saes = [load_sae(run.path, device) for run in runs]
     eval_gate = build_gate(cache, layer, cfg.gate_bos, cfg.gate_first, cfg.gate_norm)
-    for sae in saes:
-        sae.gate = sae.gate.union(eval_gate)
-    variants = [_variants(run, sae.gate, cfg) for run, sae in zip(runs, saes, strict=True)]
+    saes = [load_sae(run.path, device, eval_gate) for run in runs]
+    variants = [_variants(run, sae, cfg) for run, sae in zip(runs, saes, strict=True)]
     results = evaluate_saes(loaded, cache, layer, saes, variants, tokens_CT, cfg, device)
     for sae, result in zip(saes, results, strict=True):
         result["gate"] = sae.gate.record()
@@ -140,11 +138,11 @@ class Variant(NamedTuple):
     """Run the spliced LM pass (CE, KL); False: reconstruction metrics only."""
 
 
-def _variants(run: Run, gate: Gate, cfg: EvalConfig) -> list[Variant]:
+def _variants(run: Run, sae: SparseAutoencoder, cfg: EvalConfig) -> list[Variant]:
     variants = [Variant("")]
-    if not gate.empty:  # the paper's way beside it: every row through the SAE
+    if not sae.gate.empty:  # the paper's way beside it: every row through the SAE
         variants.append(Variant("every_position", gated=False))
-    if run.cfg["training_architecture"] == "batchtopk":
+    if sae.arch.calibrated_theta:
         eq7 = run.cfg.get("theta_eq7")
         if eq7 is not None and eq7 != run.cfg["theta"]:
             variants.append(Variant("theta_eq7", theta=eq7, lm=False))
@@ -217,7 +215,7 @@ def _tally_sae(
     x_RD = b.x_BTD.flatten(0, 1).float()
     encode_BT = ~gated_BT if variant.gated else torch.ones_like(gated_BT)
     encode_R = encode_BT.flatten() if variant.gated and not sae.gate.empty else None
-    recon_RD, latents_RM = reconstruct_rows(sae, x_RD, encode_R, variant.batch_mode, variant.theta)
+    recon_RD, latents_RM = sae.reconstruct(x_RD, encode_R, variant.batch_mode, variant.theta)
     stats = row_stats(x_RD, recon_RD, latents_RM)
     tally.add_rows("", b.x_BTD, stats, encode_BT)
     tally.add_rows("plain_", b.x_BTD, stats, encode_BT & b.plain_BT)

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sae.train.sae import TOPK_ARCHS  # noqa: E402
+from sae.train.archs import sparsity_knob  # noqa: E402
 
 ARCH_COLORS = {"batchtopk": "tab:blue", "topk": "tab:orange", "jumprelu": "tab:green", "relu": "tab:red"}
 MARKERS = "osD^v<>p*"
@@ -43,7 +43,7 @@ def l0_histogram(result: dict, title: str, path: Path) -> Path:
     )  # fmt: skip
     ax.axvline(result["l0_mean"], color="k", linestyle="--", label=f"mean L0 = {result['l0_mean']:.1f}")
     k = result["run"].get("k")
-    if result["run"]["arch"] in TOPK_ARCHS and k:
+    if sparsity_knob(result["run"]["arch"]) == "k" and k:
         ax.axvline(k, color="tab:gray", linestyle=":", label=f"k = {k}")
     ax.set_yscale("log")  # the few BOS/first-position tokens must stay visible beside thousands of others
     ax.set_xlabel("L0: active latents per token (count)")

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from sae.evaluate.plots import density_histogram, l0_histogram
-from sae.train.checkpoint import write_json
-from sae.train.sae import TOPK_ARCHS
+from sae.train.archs import sparsity_knob
+from sae.train.rundir import EVAL, write_json
 
-EVAL_JSON, REPORT_MD = "eval.json", "report.md"
+REPORT_MD = "report.md"
 L0_PNG, DENSITY_PNG = "l0_histogram.png", "feature_density.png"
 
 LM_ROWS = (
@@ -66,12 +66,12 @@ def fmt(result: dict, key: str) -> str:
 
 def write_outputs(run_dir: Path, result: dict) -> Path:
     """eval.json, report.md and the PNGs in run_dir; returns the eval.json path."""
-    write_json(run_dir / EVAL_JSON, result)
+    write_json(run_dir / EVAL, result)
     title = result["run"]["name"]
     l0_histogram(result, title, run_dir / L0_PNG)
     density_histogram(result, title, run_dir / DENSITY_PNG)
     (run_dir / REPORT_MD).write_text(report_markdown(result))
-    return run_dir / EVAL_JSON
+    return run_dir / EVAL
 
 
 def report_markdown(result: dict) -> str:
@@ -82,7 +82,7 @@ def report_markdown(result: dict) -> str:
         f"# Evaluation of {run['name']}",
         "",
         f"- SAE: {run['arch']}, dict size {run['dict_size']:,}"
-        + (f", k {run['k']}" if run["arch"] in TOPK_ARCHS else ""),
+        + (f", k {run['k']}" if sparsity_knob(run["arch"]) == "k" else ""),
         f"- Model: {run['model']}, {run['site']} of layer {run['layer']} (cache {run['cache_key']})",
         f"- Evaluation text: '{spec['dataset']}' split {spec['dataset_split']}, seed {spec['seed']}, from document "
         f"{spec['start_doc']} ({held}); {spec['n_contexts']:,} contexts × {spec['ctx_len']} = {spec['n_tokens']:,} tokens "

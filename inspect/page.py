@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sae.errors import UserError
 from sae.inspect.template import INDEX_HTML
-from sae.train.checkpoint import atomic_write
+from sae.train.rundir import atomic_write
 
 SHARD = 256  # latents per cards/ file
 FIRES_ON = 8  # distinct tokens of its top examples listed per latent

@@ -28,7 +28,7 @@ from sae.cache.codecs import StoredRows, decode_rows
 from sae.cache.store import Cache
 from sae.inspect.config import InspectConfig
 from sae.progress import make_progress
-from sae.train.sae import SparseAutoencoder, normalize_input
+from sae.train.sae import SparseAutoencoder
 
 
 class Kept(NamedTuple):
@@ -188,7 +188,7 @@ class Scanner:
                 self.z_buffer.new_empty(R, self.sae.m),
                 self.active_buffer.new_empty(R, self.sae.m),
             )
-        z_RM, theta_M = self.sae.scores(normalize_input(x_RD, self.sae.input_mode)[0], out=self.z_buffer[:R])
+        z_RM, theta_M = self.sae.scores(x_RD, out=self.z_buffer[:R])
         if not self.sae.gate.empty:  # gated rows are passed through: no latent is active on them
             gated_R = self.sae.gate.gated(x_RD, tokens_R, positions_R)
             z_RM.masked_fill_(gated_R[:, None], 0)  # 0 is not above any θ

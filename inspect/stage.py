@@ -17,14 +17,14 @@ from sae.inspect.effects import final_norm, nearest_latents, norm_gain, token_ef
 from sae.inspect.latents import DEFINITIONS, FORMAT, VERSION, Vocab, latent_records
 from sae.inspect.page import write_page
 from sae.inspect.scan import plan_rows, scan
-from sae.train.checkpoint import WEIGHTS, Run, load_sae, read_run
+from sae.train.rundir import INSPECT, WEIGHTS, Run, load_sae, read_run
 from sae.versions import library_versions
 
 JSON_NAME = "latents.json"
 
 
 def output_dir(run: Run, cfg: InspectConfig) -> Path:
-    return Path(cfg.out) if cfg.out is not None else run.path / "inspect"
+    return Path(cfg.out) if cfg.out is not None else run.path / INSPECT
 
 
 def check_source(run: Run, cfg: InspectConfig) -> list[tuple[int, int]]:

@@ -29,8 +29,8 @@ from sae.cache.store import is_cache, open_cache
 from sae.errors import UserError
 from sae.harvest.harvest import harvest
 from sae.harvest.model import load_model
-from sae.train.checkpoint import WEIGHTS, checkpoint_steps
 from sae.train.config import TrainConfig
+from sae.train.rundir import CFG, METRICS, WEIGHTS, checkpoint_steps
 from sae.train.trainer import run_training
 from tests.synthetic import planted_acts, write_cache
 from tests.test_harvest import small_config
@@ -121,20 +121,55 @@ def test_harvests_killed_at_random_instants_resume_to_the_same_bytes(loaded, sam
     assert len({i.split(":")[1] for i in instants}) >= 4  # the kills landed at many different points
 
 
-def weights(run_dirs: list[Path]) -> list[dict]:
-    return [load_file(d / WEIGHTS) for d in run_dirs]
+def run_files(run_dirs: list[Path]) -> dict[str, object]:
+    """Every file of the run directories: its bytes, but metrics.jsonl without the timings, cfg.json
+    without the output folder asked for (the trials write to folders of their own), and a checkpoint's
+    contents (pickle's bytes depend on which equal strings are one object)."""
+    files = {}
+    for run_dir in run_dirs:
+        for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+            name = str(path.relative_to(run_dir.parent))
+            if path.name == METRICS:
+                lines = [json.loads(line) for line in path.read_text().splitlines()]
+                files[name] = [{k: v for k, v in line.items() if k != "tokens_per_s"} for line in lines]
+            elif path.name == CFG:
+                cfg = json.loads(path.read_text())
+                files[name] = {**cfg, "train_config": {**cfg["train_config"], "out": None}}
+            elif path.suffix == ".pt":
+                files[name] = canonical(torch.load(path, weights_only=True))
+            else:
+                files[name] = path.read_bytes()
+    return files
 
 
-def test_sweeps_killed_at_random_instants_resume_to_the_same_weights(tmp_path, capsys):
+def canonical(value):
+    """A checkpoint's contents as comparable values: each tensor as its dtype, shape and bytes."""
+    if isinstance(value, torch.Tensor):
+        return (str(value.dtype), tuple(value.shape), value.numpy().tobytes())
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
+def assert_same_files(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: files {sorted(a.keys() ^ b.keys())} differ"
+    for name in b:
+        assert a[name] == b[name], f"{what}: {name} differs"
+
+
+def test_sweeps_killed_at_random_instants_resume_to_the_same_run_directories(tmp_path, capsys):
     cache = write_cache(tmp_path / "caches", planted_acts(12 * 256, 32, 64, 4) * 2, ctx_len=16, chunk_contexts=16)
 
     def config(out: Path) -> TrainConfig:
         return TrainConfig(
             arch=("batchtopk", "topk", "jumprelu"), k=(4,), dict_size=(96,), batch_size=64, lr=3e-3,
-            log_every=4, checkpoint_every=3, buffer_chunks=3, loader_threads=2, epochs=1.5, out=out,
+            log_every=4, checkpoint_every=3, buffer_chunks=3, loader_threads=2, epochs=1.5, snapshots=(64 * 10,),
+            out=out,
         )  # fmt: skip
 
-    reference = weights(run_training(config(tmp_path / "ref"), cache))
+    reference = run_files(run_training(config(tmp_path / "ref"), cache))
     duration = child_seconds(run_training, (config(tmp_path / "child"), cache))
     rng = random.Random(SEED + 1)
     instants = []
@@ -146,10 +181,7 @@ def test_sweeps_killed_at_random_instants_resume_to_the_same_weights(tmp_path, c
         instants.append(f"{delay:.2f}s:{len(saved)} saved")
         # as a user would: --resume once a run has saved its config, else the same command again
         resumed = run_training(config(out), cache, resume=bool(saved))
-        for a, b in zip(weights(resumed), reference, strict=True):
-            assert all(torch.equal(a[n], b[n]) for n in b), (
-                f"trial {trial} (seed {SEED + 1}, killed after {delay:.2f} s)"
-            )
+        assert_same_files(run_files(resumed), reference, f"trial {trial} (seed {SEED + 1}, killed after {delay:.2f} s)")
     with capsys.disabled():
         print(f"crash suite: {TRAIN_TRIALS} sweeps killed (seed {SEED + 1}) {instants}")
 

@@ -12,20 +12,18 @@ import sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
-import sae.train.trainer as trainer
 from sae.train.config import TrainConfig
+from sae.train.trainer import run_training
 
 stepped = {}
-real_train_step = trainer.train_step
-def remember_sae(sae, *args, **kwargs):
-    stepped["sae"] = sae
-    return real_train_step(sae, *args, **kwargs)
-trainer.train_step = remember_sae
+def remember_state(state, x_BD):
+    stepped["state"] = state
+    return x_BD
 
 cfg = TrainConfig(arch=("batchtopk",), k=(4,), dict_size=(64,), batch_size=64, device="cpu", log_every=4,
                   checkpoint_every=8, holdout_chunks=1, out=Path(sys.argv[2]))
-trainer.run_training(cfg, Path(sys.argv[1]))
-weights = torch.cat([p.detach().flatten() for p in stepped["sae"].parameters()])
+run_training(cfg, Path(sys.argv[1]), on_batch=remember_state)
+weights = torch.cat([p.detach().flatten() for p in stepped["state"].saes[0].parameters()])
 gathered = [torch.zeros_like(weights) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, weights)
 if dist.get_rank() == 0:

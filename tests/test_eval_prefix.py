@@ -13,9 +13,9 @@ from sae.evaluate.evaluate import evaluate_runs
 from sae.harvest.config import HarvestConfig
 from sae.harvest.harvest import harvest
 from sae.harvest.model import load_model
-from sae.train.checkpoint import run_cfg, save_run
 from sae.train.config import SAESpec
 from sae.train.gate import Gate
+from sae.train.rundir import cache_record, run_cfg, save_run
 from sae.train.sae import SparseAutoencoder
 from tests.test_evaluate import EVAL, eval_json, identity_sae, random_sae, save_sae, zero_sae
 from tests.test_harvest import small_config
@@ -150,7 +150,7 @@ def test_smollm2_eval_from_the_site_equals_full_passes(layer, tmp_path, monkeypa
         if arch == "batchtopk":
             sae.theta.fill_(0.3)
         (tmp_path / arch).mkdir()
-        save_run(tmp_path / arch, sae, 1.0, run_cfg(sae, False, open_cache(cache), layer))
+        save_run(tmp_path / arch, sae, run_cfg(sae, cache_record(open_cache(cache), layer), {}))
         runs.append(tmp_path / arch)
     ours, full, calls = evaluate_both(runs, EvalConfig(tokens=128 * 8, batch_size=4, device="cpu"), monkeypatch)
     for o, f in zip(ours, full, strict=True):

@@ -16,9 +16,9 @@ from sae.evaluate.metrics import ratio
 from sae.evaluate.splice import spliced_pass
 from sae.harvest.harvest import harvest
 from sae.harvest.model import load_model
-from sae.train.checkpoint import load_sae, reconstruct, run_cfg, save_run
 from sae.train.config import SAESpec
 from sae.train.gate import Gate
+from sae.train.rundir import cache_record, load_sae, run_cfg, save_run
 from sae.train.sae import SparseAutoencoder
 from tests.test_harvest import small_config
 
@@ -33,16 +33,16 @@ def make_cache(model_dir: Path, dataset: Path, cache_dir: Path) -> Path:
     return harvest(small_config(model_dir, dataset, cache_dir, layers=(LAYER,), tokens=16 * CTX_LEN, chunk_contexts=8))
 
 
-def save_sae(run_dir: Path, sae: SparseAutoencoder, cache_path: Path, standardized: bool = False) -> Path:
+def save_sae(run_dir: Path, sae: SparseAutoencoder, cache_path: Path) -> Path:
     """A run dir as `sae train` writes it: SAELens weights, cfg.json naming the training cache."""
     run_dir.mkdir(parents=True)
-    save_run(run_dir, sae, 1.0, run_cfg(sae, standardized, open_cache(cache_path), LAYER))
+    save_run(run_dir, sae, run_cfg(sae, cache_record(open_cache(cache_path), LAYER), {}))
     return run_dir
 
 
-def identity_sae(d: int = D) -> SparseAutoencoder:
+def identity_sae(d: int = D, normalize: str = "none") -> SparseAutoencoder:
     """ReLU SAE with m = 2d, encoder [I, −I], decoder [I; −I]: x̂ = ReLU(x) − ReLU(−x) = x exactly."""
-    sae = SparseAutoencoder(SAESpec("relu", 1, 2 * d, 0.0, 0.0), d)
+    sae = SparseAutoencoder(SAESpec("relu", 1, 2 * d, 0.0, 0.0), d, normalize=normalize)
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -251,11 +251,11 @@ def test_theta_and_batch_mode_for_batchtopk(cache_path, tmp_path):
 
 
 def test_standardising_sae_output_is_mapped_back(cache_path, tmp_path):
-    run = save_sae(tmp_path / "ln", identity_sae(), cache_path, standardized=True)
+    run = save_sae(tmp_path / "ln", identity_sae(normalize="standardize"), cache_path)
     sae = load_sae(run)
-    assert sae.input_mode == "standardize"
+    assert sae.input_norm == "standardize"
     x = torch.randn(5, D) * 3 + 1
-    recon, _ = reconstruct(sae, x)
+    recon, _ = sae.reconstruct(x)
     torch.testing.assert_close(recon, x, rtol=1e-4, atol=1e-4)  # the std's epsilon: 1e-5 relative
 
 

@@ -8,13 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sae.train.trainer as trainer_module
 from sae.cache.store import open_cache
 from sae.errors import UserError
-from sae.train.checkpoint import WEIGHTS, load_sae, reconstruct
 from sae.train.config import SAESpec, TrainConfig
 from sae.train.gate import Gate, build_gate, chunk_rows
 from sae.train.loader import Loader
+from sae.train.rundir import WEIGHTS, load_sae
 from sae.train.sae import SparseAutoencoder
 from sae.train.theta import calibrate_theta
 from sae.train.trainer import run_training
@@ -79,10 +78,10 @@ def test_a_gated_sae_never_trains_on_them_and_passes_them_through(massive, tmp_p
     for run in (btk, topk):
         sae = load_sae(run)
         x_RD = cache.read_acts(0, CHUNKS - 1).float()
-        recon_RD, latents_RM = reconstruct(sae, x_RD)
+        recon_RD, latents_RM = sae.reconstruct(x_RD, sae.encoded_rows(x_RD))
         assert torch.equal(recon_RD[held_R], x_RD[held_R]) and not latents_RM[held_R].any()
         assert not torch.allclose(recon_RD[~held_R], x_RD[~held_R])
-        every_RD, every_latents_RM = reconstruct(sae, x_RD, gate=False)  # what SAELens computes
+        every_RD, every_latents_RM = sae.reconstruct(x_RD)  # every row, as SAELens computes
         assert torch.equal(every_RD[~held_R], recon_RD[~held_R]) and every_latents_RM[held_R].any()
 
 
@@ -125,7 +124,8 @@ def test_training_calibrates_to_k_and_sae_calibrate_to_any_target(massive, tmp_p
     cache = open_cache(path)
     x_RD = cache.read_acts(0, CHUNKS - 1).float()
     ordinary_RD = x_RD[~massive_R[(CHUNKS - 1) * cache.chunk_rows :]]
-    _, latents_RM = reconstruct(load_sae(btk), ordinary_RD)
+    sae = load_sae(btk)
+    _, latents_RM = sae.reconstruct(ordinary_RD, sae.encoded_rows(ordinary_RD))
     assert float((latents_RM > 0).sum(1).float().mean()) == pytest.approx(9.5, rel=0.01)
     assert float(load_file(btk / WEIGHTS)["threshold"][0]) == cfg["theta"]
 
@@ -176,25 +176,21 @@ def test_the_default_standardises_every_row_and_gate_norm_4_gates_the_massive_on
     assert gated["metadata"]["gate"]["norm_ratio"] == 4 and gated["heldout"]["rows_gated"] == int(held_R.sum())
 
 
-def test_epochs_run_past_one_pass_and_resume_mid_epoch_bit_identically(massive, tmp_path, monkeypatch):
+def test_epochs_run_past_one_pass_and_resume_mid_epoch_bit_identically(massive, tmp_path):
     path, _ = massive
     cfg = dict(gate_norm=4.0, epochs=2.5)
     whole = run_training(small_config(tmp_path / "whole", **cfg), path)
     record = json.loads((whole[0] / "cfg.json").read_text())
     pass_rows = round((CHUNKS - 1) * CHUNK_CTX * CTX * (1 - record["input"]["gated_fraction_sample"]))
     assert record["step"] == int(2.5 * pass_rows) // 128 and record["epochs"] == pytest.approx(2.5, abs=0.07)
-    calls, real_step = {"n": 0}, trainer_module.train_step
 
-    def killed_in_the_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2 * (pass_rows // 128 + 7):  # two SAEs a step
+    def killed_in_the_second_epoch(state, x_BD: torch.Tensor) -> torch.Tensor:
+        if state.step >= pass_rows // 128 + 7:
             raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
+        return x_BD
 
-    monkeypatch.setattr(trainer_module, "train_step", killed_in_the_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_training(small_config(tmp_path / "killed", **cfg), path)
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
+        run_training(small_config(tmp_path / "killed", **cfg), path, on_batch=killed_in_the_second_epoch)
     position = torch.load(sorted((tmp_path / "killed" / "topk_k4_m96").glob("checkpoint-*.pt"))[-1])["loader"][0]
     assert position["epoch"] == 1  # the kill left a checkpoint inside the second epoch
     resumed = run_training(small_config(tmp_path / "killed", **cfg), path, resume=True)

@@ -18,9 +18,9 @@ from sae.inspect.effects import final_norm, nearest_latents, norm_gain
 from sae.inspect.page import summary, write_page
 from sae.inspect.scan import Scanner, plan_rows, scan
 from sae.inspect.stage import inspect_data, inspect_pipeline_runs
-from sae.train.checkpoint import load_sae, read_run, run_cfg, save_run
 from sae.train.config import SAESpec
 from sae.train.gate import Gate, chunk_rows
+from sae.train.rundir import cache_record, load_sae, read_run, run_cfg, save_run
 from sae.train.sae import SparseAutoencoder
 from tests.synthetic import write_cache
 from tests.test_cli import run_sae
@@ -35,7 +35,7 @@ ARCHS = ("relu", "batchtopk", "jumprelu", "topk")
 def save_with_heldout(run_dir: Path, sae: SparseAutoencoder, cache: Path, chunks: list[int], layer: int) -> Path:
     """A run dir as `sae train` writes it, with its held-out chunks recorded."""
     run_dir.mkdir(parents=True)
-    save_run(run_dir, sae, 1.0, {**run_cfg(sae, False, open_cache(cache), layer), "heldout": {"chunks": chunks}})
+    save_run(run_dir, sae, run_cfg(sae, cache_record(open_cache(cache), layer), {"heldout": {"chunks": chunks}}))
     return run_dir
 
 

@@ -7,8 +7,9 @@ from sae.errors import UserError
 from sae.train.config import SAESpec, TrainConfig
 from sae.train.sae import SparseAutoencoder
 from sae.train.sparse import decode_dense, decode_sparse, select_batchtopk, select_topk
+from sae.train.state import DeadLatents, make_optimizer, make_sae
 from sae.train.theta import Eq7Estimate
-from sae.train.trainer import DeadLatents, configure_backend, make_optimizer, make_sae, train_step
+from sae.train.trainer import configure_backend, train_step
 from tests.synthetic import planted_acts
 
 D, FEATURES, K = 64, 128, 4
@@ -113,7 +114,9 @@ def test_sparse_and_dense_paths_train_the_same_module(arch):
     grads = []
     for sparse in (True, False):
         torch.manual_seed(0)
-        sae = SparseAutoencoder(SAESpec(arch, K, 256, 0.0, 0.0), D, aux_k=32, dead_tokens=1, sparse_decode=sparse)
+        sae = SparseAutoencoder(
+            SAESpec(arch, K, 256, 0.0, 0.0), D, TrainConfig(aux_k=32, dead_tokens=1), sparse_decode=sparse
+        )
         sae.tokens_since_fired_M[::2] = 10  # half the latents dead
         out = sae(x_BD, aux_k=32)
         out.loss.backward()
@@ -125,7 +128,9 @@ def test_sparse_and_dense_paths_train_the_same_module(arch):
 
 def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_estimate():
     """d loss/d log θ_i = −(θ/ε)·θ·Σ_b 1[|z−θ|<ε/2]·∂loss/∂f (reconstruction) and −(θ/ε)·Σ_b 1[...] (L0)."""
-    sae = SparseAutoencoder(SAESpec("jumprelu", 1, 2, 0.5, 0.0), 2, bandwidth=0.1, init_threshold=1.0)
+    sae = SparseAutoencoder(
+        SAESpec("jumprelu", 1, 2, 0.5, 0.0), 2, TrainConfig(bandwidth=0.1, jumprelu_init_threshold=1.0)
+    )
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(2))
         sae.W_dec.copy_(torch.eye(2))
@@ -163,7 +168,7 @@ def test_sweep_grid_crosses_each_arch_with_its_own_knob():
 def test_auxk_sized_to_the_dead_count_equals_auxk_at_full_width():
     torch.manual_seed(0)
     x_BD = torch.randn(64, 16) * 3
-    sae = SparseAutoencoder(SAESpec("topk", 4, 256, 0.0, 0.0), 16, aux_k=64, dead_tokens=100).eval()
+    sae = SparseAutoencoder(SAESpec("topk", 4, 256, 0.0, 0.0), 16, TrainConfig(aux_k=64, dead_tokens=100)).eval()
     assert DeadLatents(sae).aux_k() == 0  # nothing dead: AuxK is skipped
     sae.tokens_since_fired_M[:5] = 100  # 5 dead latents
     dead = DeadLatents(sae)

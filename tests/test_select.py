@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sae.train.sparse as sparse_module
-from sae.train.config import SAESpec
+from sae.train.config import SAESpec, TrainConfig
 from sae.train.sae import SparseAutoencoder
 from sae.train.sparse import (
     decode_sparse,
@@ -153,7 +153,9 @@ def test_kept_entry_encoder_gradient_equals_the_dense_backward(arch):
     grads = []
     for sparse in (True, False):
         torch.manual_seed(0)
-        sae = SparseAutoencoder(SAESpec(arch, 4, 256, 0.0, 0.0), 32, aux_k=32, dead_tokens=1, sparse_decode=sparse)
+        sae = SparseAutoencoder(
+            SAESpec(arch, 4, 256, 0.0, 0.0), 32, TrainConfig(aux_k=32, dead_tokens=1), sparse_decode=sparse
+        )
         with torch.no_grad():
             sae.b_dec.normal_()  # the b_dec terms of the gradient are not zero
             sae.b_enc.normal_(std=0.1)

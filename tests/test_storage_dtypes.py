@@ -9,8 +9,8 @@ import torch
 from sae.cache.codecs import StoredRows, decode_rows, dim_scale, encode_rows
 from sae.cache.store import open_cache
 from sae.harvest.harvest import harvest
-from sae.train.gate import build_gate
-from sae.train.loader import Loader, read_rows
+from sae.train.gate import build_gate, kept_rows
+from sae.train.loader import Loader
 from tests.test_harvest import arrays, small_config
 
 
@@ -90,8 +90,8 @@ def test_the_gpu_form_of_the_loader_decodes_to_the_cpu_form(caches):
     the CPU and must give the same floats, gate included."""
     cache = open_cache(caches["int8"])
     gate = build_gate(cache, 1, bos=True, first=True, norm_ratio=1.2)
-    decoded = read_rows(cache, 1, 1, gate, decode=True)
-    compact = read_rows(cache, 1, 1, gate, decode=False)
+    decoded = kept_rows(cache, 1, 1, gate, decode=True)
+    compact = kept_rows(cache, 1, 1, gate, decode=False)
     assert compact.values_RD.dtype == torch.int8 and 0 < len(compact.values_RD) < cache.chunk_rows
     assert torch.equal(decode_rows(compact, cache.dim_scale(1)), decoded.values_RD)
     loader = Loader(cache, 1, [0, 1], 32, seed=0, gate=gate, buffer_chunks=2, threads=1)
@@ -99,7 +99,7 @@ def test_the_gpu_form_of_the_loader_decodes_to_the_cpu_form(caches):
         batch = next(loader)
     finally:
         loader.close()
-    rows = torch.cat([read_rows(cache, 1, c, gate).values_RD for c in loader.block_chunks(0, 0)])
+    rows = torch.cat([kept_rows(cache, 1, c, gate).values_RD for c in loader.block_chunks(0, 0)])
     assert batch.dtype == torch.float32 and all((row == rows).all(1).any() for row in batch)
     assert isinstance(compact, StoredRows)
 

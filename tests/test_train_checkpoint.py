@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from sae.cache.store import open_cache
 from sae.cli import app
-from sae.train.checkpoint import WEIGHTS, load_checkpoint, load_sae, reconstruct
 from sae.train.config import TrainConfig
-from sae.train.sae import normalize_input
-from sae.train.trainer import make_sae, run_training
+from sae.train.rundir import WEIGHTS, load_checkpoint, load_sae
+from sae.train.sae import SparseAutoencoder
+from sae.train.trainer import run_training
 from tests.synthetic import planted_acts, write_cache
 
 D, CTX, CHUNK_CTX = 32, 16, 16
@@ -45,17 +45,20 @@ def test_saved_saes_act_on_raw_activations_like_the_trained_ones(cache, tmp_path
             spec.arch, record["architecture"]
         )
         assert record["normalize_activations"] == ("layer_norm" if normalize == "standardize" else "none")
-        # the trained SAE, in its own input space, from the last checkpoint
-        trained = make_sae(cfg, spec, D, torch.device("cpu"))
+        # the SAE as it trained, its input space set at construction, from the last checkpoint: the same
+        # encode(x) and reconstruction of raw rows as the saved one, whose scale is in its weights
+        trained = SparseAutoencoder(spec, D, cfg, normalize=normalize, input_scale=record["input"]["scale"])
         trained.load_state_dict(load_checkpoint(run_dir, record["step"], torch.device("cpu"))["sae"])
         if spec.arch == "batchtopk":  # the saved θ is chosen after the last checkpoint
             trained.theta.fill_(record["theta"])
         trained.eval()
-        x_n, mult, shift = normalize_input(x_BD, normalize, record["input"]["scale"])
+        loaded = load_sae(run_dir)
         with torch.no_grad():
-            expected_BD = trained.decode(trained.encode(x_n)) * mult + shift
-            recon_BD, latents_BM = reconstruct(load_sae(run_dir), x_BD)
+            expected_BD, expected_BM = trained.reconstruct(x_BD)
+            recon_BD, latents_BM = loaded.reconstruct(x_BD)
+            torch.testing.assert_close(loaded.encode(x_BD), trained.encode(x_BD), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(recon_BD, expected_BD, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(latents_BM, expected_BM, rtol=1e-4, atol=1e-4)
         fvu = float((recon_BD - x_BD).square().sum() / (x_BD - x_BD.mean(0)).square().sum())
         assert fvu == pytest.approx(record["heldout"]["fvu"], rel=1e-3)  # the held-out chunk is these rows
         assert float((latents_BM > 0).sum(1).float().mean()) == pytest.approx(record["heldout"]["l0"], rel=1e-3)
@@ -74,7 +77,7 @@ def test_sae_lens_loads_a_run_as_it_is(cache, tmp_path, normalize):
         ours = load_sae(run_dir)
         x_BD = torch.randn(64, D) * 5 + 1
         with torch.no_grad():
-            torch.testing.assert_close(theirs(x_BD), reconstruct(ours, x_BD)[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(theirs(x_BD), ours.reconstruct(x_BD)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_cli_errors_are_one_line(cache, tmp_path):

@@ -2,17 +2,17 @@
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import sae.train.loader as loader_module
-import sae.train.trainer as trainer_module
+from sae.cache.store import open_cache
 from sae.errors import UserError
-from sae.train.checkpoint import METRICS, WEIGHTS, checkpoint_steps
 from sae.train.config import TrainConfig
+from sae.train.rundir import METRICS, WEIGHTS, checkpoint_steps
 from sae.train.trainer import run_training
 from tests.synthetic import planted_acts, write_cache
 
@@ -34,23 +34,27 @@ def small_config(out: Path, **fields) -> TrainConfig:
     return TrainConfig(**{**base, **fields})
 
 
-def test_kill_and_resume_ends_bit_identical(cache, tmp_path, monkeypatch):
-    whole = run_training(small_config(tmp_path / "whole"), cache)
-    calls = {"n": 0}
-    real_step = trainer_module.train_step
+def killed_at(kill_step: int):
+    """An on_batch hook that stops the training as a Ctrl-C would, before step kill_step."""
 
-    def killed_at_step_13(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 13 * 2:  # two SAEs a step
+    def on_batch(state, x_BD: torch.Tensor) -> torch.Tensor:
+        if state.step >= kill_step:
             raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
+        return x_BD
 
+    return on_batch
+
+
+def directory_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_kill_and_resume_ends_bit_identical(cache, tmp_path):
+    whole = run_training(small_config(tmp_path / "whole"), cache)
     cfg = small_config(tmp_path / "killed")
-    monkeypatch.setattr(trainer_module, "train_step", killed_at_step_13)
     with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, cache)
+        run_training(cfg, cache, on_batch=killed_at(13))
     assert checkpoint_steps(cfg.out / "batchtopk_k4_m128") == [5, 10]
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
     resumed = run_training(cfg, cache, resume=True)
     for a, b in zip(whole, resumed, strict=True):
         wa, wb = load_file(a / WEIGHTS), load_file(b / WEIGHTS)
@@ -63,14 +67,26 @@ def test_kill_and_resume_ends_bit_identical(cache, tmp_path, monkeypatch):
     assert abs(cfg_json["heldout"]["l0"] - 4) < 2  # θ-inference L0 near k after 22 steps
 
 
-def test_a_sweep_reads_each_chunk_once_for_all_its_saes(cache, tmp_path, monkeypatch):
-    reads = []
-    real_read = loader_module.read_rows
-    monkeypatch.setattr(loader_module, "read_rows", lambda *a: reads.append(a[2]) or real_read(*a))
+def test_resuming_a_finished_run_changes_no_byte_of_it(cache, tmp_path):
+    run_dirs = run_training(small_config(tmp_path, snapshots=(128 * 8,)), cache)
+    before = directory_bytes(tmp_path)
+    assert run_training(small_config(tmp_path, snapshots=(128 * 8,)), cache, resume=True) == run_dirs
+    assert directory_bytes(tmp_path) == before
+
+
+def test_a_sweep_reads_each_chunk_once_for_all_its_saes(cache, tmp_path):
     counts = []
     for archs in [("batchtopk",), ("batchtopk", "topk", "relu")]:
-        reads.clear()
-        run_training(small_config(tmp_path / "-".join(archs), arch=archs, holdout_chunks=1), cache)
+        reads, counted = [], open_cache(cache)
+        read_stored = counted.read_stored
+
+        def loader_reads(layer: int, chunk: int, reads=reads, read_stored=read_stored):
+            if threading.current_thread().name.startswith("sae-chunk"):  # the loader's readers only
+                reads.append(chunk)
+            return read_stored(layer, chunk)
+
+        counted.read_stored = loader_reads
+        run_training(small_config(tmp_path / "-".join(archs), arch=archs, holdout_chunks=1), counted)
         counts.append(len(reads))
     # 22 steps of 128 rows use 11 chunks once, plus what the loader had already prefetched
     assert counts[0] == counts[1] and CHUNKS - 1 <= counts[0] <= 2 * (CHUNKS - 1)
@@ -81,19 +97,13 @@ def test_too_few_rows_says_how_many_there_are(cache, tmp_path):
         run_training(small_config(tmp_path, tokens=1_000_000), cache)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path, monkeypatch):
-    real_normalize = trainer_module.normalize_input
-    calls = {"n": 0}
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path):
+    def nan_from_step_8(state, x_BD: torch.Tensor) -> torch.Tensor:
+        return x_BD * float("nan") if state.step >= 7 else x_BD
 
-    def nan_from_step_8(x_BD, *args):
-        calls["n"] += 1
-        x_n, mult, shift = real_normalize(x_BD, *args)
-        return (x_n * float("nan") if calls["n"] >= 8 else x_n), mult, shift
-
-    monkeypatch.setattr(trainer_module, "normalize_input", nan_from_step_8)
     cfg = small_config(tmp_path, arch=("topk",), checkpoint_every=5)
     with pytest.raises(UserError, match="loss became NaN/inf in topk_k4_m128 before step 10; .*checkpoint is kept"):
-        run_training(cfg, cache)
+        run_training(cfg, cache, on_batch=nan_from_step_8)
     run_dir = tmp_path / "topk_k4_m128"
     assert checkpoint_steps(run_dir) == [5]
     assert torch.isfinite(load_file(run_dir / WEIGHTS)["W_enc"]).all()
@@ -118,9 +128,7 @@ def test_unwritable_or_occupied_run_directories_are_refused(cache, tmp_path):
 
 
 def test_holdout_takes_full_chunks_and_the_partial_last_one(tmp_path):
-    from sae.cache.store import open_cache
-    from sae.train.trainer import holdout_chunks
-    from tests.synthetic import write_cache
+    from sae.train.holdout import holdout_chunks
 
     cache = open_cache(write_cache(tmp_path, torch.randn(10 * 4, 8), ctx_len=4, chunk_contexts=4))
     assert cache.n_chunks == 3 and cache.contexts_in_chunk(2) == 2
@@ -130,7 +138,7 @@ def test_holdout_takes_full_chunks_and_the_partial_last_one(tmp_path):
 
 
 def test_geometric_median_is_the_median_on_a_line_and_a_minimum_elsewhere():
-    from sae.train.heldout import geometric_median
+    from sae.train.inputs import geometric_median
 
     u_D = torch.nn.functional.normalize(torch.randn(8, generator=torch.Generator().manual_seed(1)), dim=0)
     on_line = torch.tensor([0.0, 1.0, 2.0, 3.0, 1000.0])[:, None] * u_D  # mean at 201.2 u

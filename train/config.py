@@ -11,8 +11,9 @@ from typing import Any, NamedTuple
 
 from sae.config import check_choice, check_gate_norm, check_keys, setting, validate
 from sae.errors import UserError
+from sae.train.archs import ARCHITECTURES
 
-ARCHS = ("batchtopk", "topk", "jumprelu", "relu")
+ARCHS = tuple(ARCHITECTURES)
 NORMALIZATIONS = ("none", "standardize", "scale")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DECODES = ("auto", "sparse", "dense")
@@ -33,8 +34,9 @@ class SAESpec(NamedTuple):
     @property
     def name(self) -> str:
         """Run directory name: arch, its sparsity knob and dict size, e.g. batchtopk_k32_m12288."""
-        knob = {"jumprelu": f"l0c{self.l0_coeff:g}", "relu": f"l1c{self.l1_coeff:g}"}.get(self.arch, f"k{self.k}")
-        return f"{self.arch}_{knob}_m{self.dict_size}"
+        knob = ARCHITECTURES[self.arch].knob
+        label = {"k": f"k{self.k}", "l0_coeff": f"l0c{self.l0_coeff:g}", "l1_coeff": f"l1c{self.l1_coeff:g}"}[knob]
+        return f"{self.arch}_{label}_m{self.dict_size}"
 
 
 @dataclass
@@ -171,7 +173,7 @@ def _expand(table: dict[str, Any], cfg: TrainConfig) -> list[SAESpec]:
     specs = []
     for arch in axes["arch"]:
         check_choice("arch", arch, ARCHS)
-        knob = {"jumprelu": "l0_coeff", "relu": "l1_coeff"}.get(arch, "k")
+        knob = ARCHITECTURES[arch].knob
         for value, dict_size in itertools.product(axes[knob], axes["dict_size"]):
             spec = SAESpec(arch, axes["k"][0], dict_size, axes["l0_coeff"][0], axes["l1_coeff"][0])
             specs.append(_check_spec(spec._replace(**{knob: value})))
@@ -183,8 +185,7 @@ def _check_spec(spec: SAESpec) -> SAESpec:
         raise UserError(f"dict_size must be a positive integer, got {spec.dict_size}")
     if not isinstance(spec.k, int) or spec.k <= 0:
         raise UserError(f"k must be a positive integer, got {spec.k}")
-    if spec.arch in ("topk", "batchtopk") and spec.k > spec.dict_size:
-        raise UserError(f"k={spec.k} exceeds dict_size={spec.dict_size}; k must be at most the dictionary size")
+    ARCHITECTURES[spec.arch].check(spec)
     for name in ("l0_coeff", "l1_coeff"):
         if getattr(spec, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(spec, name)}")

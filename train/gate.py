@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae.cache.codecs import StoredRows, decode_rows
 from sae.cache.store import Cache
 
 NORM_SAMPLE_CHUNKS = 4  # ≈ 65k rows at the default chunk size: the median to well under 1%
@@ -104,12 +105,22 @@ def build_gate(cache: Cache, layer: int, bos: bool, first: bool, norm_ratio: flo
     return Gate(cache.spec["bos_token_id"] if bos else None, first, norm_ratio, median_norm)
 
 
+def kept_rows(cache: Cache, layer: int, chunk: int, gate: Gate, decode: bool = True) -> StoredRows:
+    """A chunk's ungated rows [R', d], in row order: decoded to floats (float16 as stored, int8 to
+    float32), or as stored (int8 and its scales: half the bytes of float16 to move to a GPU, decoded there)."""
+    stored = cache.read_stored(layer, chunk)
+    acts_RD = decode_rows(stored, cache.dim_scale(layer)) if decode or not gate.empty else None
+    if not gate.empty:
+        kept_R = ~gate.gated(acts_RD, *chunk_rows(cache, chunk))
+        acts_RD, stored = acts_RD[kept_R], stored.take(kept_R)
+    return StoredRows(acts_RD, None) if decode else stored
+
+
 def sample_kept_rows(cache: Cache, layer: int, chunks: list[int], gate: Gate) -> tuple[Tensor, float]:
     """(the ungated rows of a sample of `chunks` [R', D] float32, the gated fraction of the sample)."""
     kept, total = [], 0
     for chunk in sample_chunks(cache, chunks):
-        acts_RD = cache.read_acts(layer, chunk).float()
-        kept.append(acts_RD[~gate.gated(acts_RD, *chunk_rows(cache, chunk))])
-        total += len(acts_RD)
+        kept.append(kept_rows(cache, layer, chunk, gate).values_RD.float())
+        total += cache.contexts_in_chunk(chunk) * cache.ctx_len
     rows_RD = torch.cat(kept)
     return rows_RD, 1 - len(rows_RD) / total

@@ -18,18 +18,7 @@ import torch
 from sae.cache.codecs import StoredRows, decode_rows
 from sae.cache.store import Cache
 from sae.errors import UserError
-from sae.train.gate import Gate, chunk_rows
-
-
-def read_rows(cache: Cache, layer: int, chunk: int, gate: Gate, decode: bool = True) -> StoredRows:
-    """A chunk's ungated rows [R', d]: decoded to floats (float16 as stored, int8 to float32), or as
-    stored (int8 and its scales: half the bytes of float16 to move to a GPU, decoded there)."""
-    stored = cache.read_stored(layer, chunk)
-    acts_RD = decode_rows(stored, cache.dim_scale(layer)) if decode or not gate.empty else None
-    if not gate.empty:
-        kept_R = ~gate.gated(acts_RD, *chunk_rows(cache, chunk))
-        acts_RD, stored = acts_RD[kept_R], stored.take(kept_R)
-    return StoredRows(acts_RD, None) if decode else stored
+from sae.train.gate import Gate, kept_rows
 
 
 class Loader:
@@ -75,7 +64,7 @@ class Loader:
     def _submit(self, epoch: int, block: int) -> list:
         args = (self.cache, self.layer)
         decode = self.device.type != "cuda"
-        return [self._pool.submit(read_rows, *args, c, self.gate, decode) for c in self.block_chunks(epoch, block)]
+        return [self._pool.submit(kept_rows, *args, c, self.gate, decode) for c in self.block_chunks(epoch, block)]
 
     def _produce(self) -> None:
         """Producer thread: gathers batches (into pinned memory on CUDA) and queues them in order."""

@@ -1,121 +1,100 @@
-"""The sparse autoencoder: one module, four activations (batchtopk, topk, jumprelu, relu).
+"""The sparse autoencoder: one module for every architecture, taking raw activations.
 
-    pre_BM  = ReLU((x_BD − b_dec) @ W_enc_DM + b_enc)    the activation picks which entries survive
-    recon   = f_BM @ W_dec_MD + b_dec                     W_dec rows (latent directions) unit-norm
+    x_n, mult, shift = normalize(x)                      the SAE's own input space (TrainConfig.normalize)
+    pre_BM  = ReLU((x_n − b_dec) @ W_enc_DM + b_enc)      the architecture picks which entries survive
+    recon   = (f_BM @ W_dec_MD + b_dec) · mult + shift    W_dec rows (latent directions) unit-norm
 
-Equations and defaults follow the BatchTopK paper and its reference code. Parameters use SAELens's names and layouts
-(W_enc [d, m], W_dec [m, d]), so saving is a rename-free copy.
+The normalisation and the gate are set at construction, so encode(x) means the same for an SAE in
+training and for one loaded from a run directory: there the normalisation's scale is folded into the
+weights (export) and a standardising SAE stays standardising (SAELens's "layer_norm"). What differs
+between architectures (selection, loss terms, threshold, what is saved) is in train/archs, one file
+each. Parameters use SAELens's names and layouts (W_enc [d, m], W_dec [m, d]).
 """
-
-import contextlib
-import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from sae.train.config import SAESpec
+from sae.train.archs import ARCHITECTURES, SAEOutput
+from sae.train.config import SAESpec, TrainConfig
 from sae.train.gate import Gate
-from sae.train.sparse import (
-    Active,
-    KeptEncoderGrad,
-    decode_dense,
-    decode_sparse,
-    densify,
-    select_batchtopk,
-    select_dead,
-    select_topk,
-)
-
-TOPK_ARCHS = ("topk", "batchtopk")
-
-
-class SAEOutput(NamedTuple):
-    recon_BD: Tensor
-    """Reconstruction of the (normalised) input."""
-    latents: "Active | Tensor"
-    """Latents in training form (batchtopk: top-k over the batch): the kept entries as an Active list
-    for (batch)topk, never densified in the hot loop; a dense [B, m] matrix for jumprelu and relu."""
-    l0_B: Tensor
-    """Active latents per row."""
-    fired_M: Tensor
-    """Which latents fired in this batch."""
-    mse: Tensor
-    """Mean over all B·d elements of (x − x̂)², the reference code's L2 loss (sets λ's scale)."""
-    sparsity: Tensor
-    """λ · penalty: L1 (relu), straight-through L0 (jumprelu); 0 for (batch)topk."""
-    aux: Tensor
-    """α · AuxK loss (topk, batchtopk) while some latent is dead, else 0."""
-    loss: Tensor
-    """mse + sparsity + aux: what is minimised."""
-
-
-class JumpReLU(torch.autograd.Function):
-    """z · H(z − θ) with θ = exp(log_θ); θ's gradient through a rectangle kernel (JumpReLU paper)."""
-
-    @staticmethod
-    def forward(ctx, z_BM: Tensor, log_theta_M: Tensor, bandwidth: float) -> Tensor:
-        theta_M = log_theta_M.exp()
-        ctx.save_for_backward(z_BM, theta_M)
-        ctx.bandwidth = bandwidth
-        return z_BM * (z_BM > theta_M)
-
-    @staticmethod
-    def backward(ctx, grad_BM: Tensor) -> tuple[Tensor, Tensor, None]:
-        z_BM, theta_M = ctx.saved_tensors
-        in_window_BM = ((z_BM - theta_M).abs() < ctx.bandwidth / 2).to(grad_BM.dtype)
-        # d/dθ of z·H(z−θ) ≈ −(θ/ε)·rect((z−θ)/ε) (z = θ inside the window); × θ since we learn log θ
-        grad_log_theta_M = -(theta_M / ctx.bandwidth) * (in_window_BM * grad_BM * theta_M).sum(0)
-        return grad_BM * (z_BM > theta_M), grad_log_theta_M, None
-
-
-class StepL0(torch.autograd.Function):
-    """Σ_i H(z_i − θ_i) per row, θ's gradient through the same rectangle kernel; no gradient to z."""
-
-    @staticmethod
-    def forward(ctx, z_BM: Tensor, log_theta_M: Tensor, bandwidth: float) -> Tensor:
-        theta_M = log_theta_M.exp()
-        ctx.save_for_backward(z_BM, theta_M)
-        ctx.bandwidth = bandwidth
-        return (z_BM > theta_M).to(z_BM.dtype).sum(1)
-
-    @staticmethod
-    def backward(ctx, grad_B: Tensor) -> tuple[None, Tensor, None]:
-        z_BM, theta_M = ctx.saved_tensors
-        in_window_BM = ((z_BM - theta_M).abs() < ctx.bandwidth / 2).to(grad_B.dtype)
-        # d/dθ of H(z−θ) ≈ −(1/ε)·rect((z−θ)/ε); × θ since we learn log θ
-        grad_log_theta_M = -(theta_M / ctx.bandwidth) * (in_window_BM * grad_B[:, None]).sum(0)
-        return None, grad_log_theta_M, None
+from sae.train.sparse import Active, KeptEncoderGrad, decode_dense, decode_sparse
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, spec: SAESpec, d_in: int, aux_k: int = 512, aux_coeff: float = 1 / 32,
-                 dead_tokens: int = 20_480, bandwidth: float = 0.001, init_threshold: float = 1.0,
-                 sparse_decode: bool = True):  # fmt: skip
+    def __init__(self, spec: SAESpec, d_in: int, cfg: TrainConfig | None = None, *, normalize: str = "none",
+                 input_scale: float = 1.0, gate: Gate = Gate(), sparse_decode: bool = True):  # fmt: skip
+        """cfg: the training settings its architecture reads (AuxK, JumpReLU's ε and initial θ, the dead
+        window); normalize and input_scale: its input space (normalize_input); gate: the rows it leaves
+        alone; sparse_decode, for the (batch)topk family: decode from the kept rows of W_dec and take the
+        encoder's gradient at the kept entries only (train.sparse), False: the dense matmuls."""
         super().__init__()
+        cfg = cfg or TrainConfig()
         self.spec, self.d_in, self.m = spec, d_in, spec.dict_size
-        self.aux_k, self.aux_coeff, self.dead_tokens = aux_k, aux_coeff, dead_tokens
-        # sparse_decode, for (batch)topk: decode from the kept rows of W_dec (embedding_bag) and take the
-        # encoder's gradient at the kept entries only (KeptEncoderGrad); False: the dense matmuls
-        self.bandwidth, self.sparse_decode = bandwidth, sparse_decode
+        self.arch = ARCHITECTURES[spec.arch](spec, cfg)
+        self.input_norm, self.input_scale, self.gate = normalize, input_scale, gate
+        self.dead_tokens, self.sparse_decode = cfg.dead_tokens, sparse_decode
         # The reference code's init: kaiming-uniform W_enc, W_dec its transpose with unit-norm rows.
         self.W_enc = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d_in, self.m)))
         self.b_enc = nn.Parameter(torch.zeros(self.m))
         self.W_dec = nn.Parameter(self.W_enc.detach().t().contiguous())
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.normalize_decoder()
-        if spec.arch == "jumprelu":  # fp32 even under autocast: θ ~ 1e-3 moves by ε-sized steps
-            self.log_threshold = nn.Parameter(torch.full((self.m,), math.log(init_threshold)))
-        if spec.arch == "batchtopk":  # the inference threshold; set by the trainer (train.theta)
-            self.register_buffer("theta", torch.zeros(()))
+        self.arch.add_parameters(self)
         # Tokens since each latent last fired (AuxK's dead set).
         self.register_buffer("tokens_since_fired_M", torch.zeros(self.m, dtype=torch.long))
-        self.gate = Gate()  # rows left alone: see train.gate
-        # How raw rows are normalised before encode (normalize_input's mode) in a saved SAE, whose scale
-        # is folded into its weights: "none", or "standardize" for SAELens's "layer_norm" SAEs.
-        self.input_mode = "none"
 
-    # -- inference form: per-sample, batch-independent (what is saved and evaluated) --------------
+    # -- raw activations in, raw reconstructions out --------------------------------------------
+    def normalize(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_n, mult, shift): the rows in the SAE's input space, raw x ≈ x_n · mult + shift."""
+        return normalize_input(x_BD, self.input_norm, self.input_scale)
+
+    def encode(self, x_BD: Tensor, batch_mode: bool = False, theta: float | None = None) -> Tensor:
+        """Dense latents [B, m] of raw rows, as deployed (see encode_normalized)."""
+        return self.encode_normalized(self.normalize(x_BD)[0], batch_mode, theta)
+
+    def encode_normalized(self, x_BD: Tensor, batch_mode: bool = False, theta: float | None = None) -> Tensor:
+        """Dense latents [B, m] of normalised rows: a thresholded architecture as z where z > θ (BatchTopK's
+        scalar θ, or `theta`), unless batch_mode asks for its training rule (BatchTopK: the B·k largest
+        of this batch together); TopK and ReLU by their rule."""
+        theta_M = self.arch.threshold_M(self)
+        if theta_M is not None and not batch_mode:
+            # θ ≥ 0: the ReLU and the threshold in one in-place pass over the affine map, 2.5× faster on
+            # CPU than a where() over [B, m] and no host sync for θ; +0 (not −0) below θ
+            z_BM = self.affine(x_BD)
+            return z_BM.masked_fill_(z_BM <= (theta_M if theta is None else theta), 0.0)
+        return self.arch.select_dense(self, self.pre_acts(x_BD))
+
+    def scores(self, x_BD: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(z_BM, θ_M) of raw rows: the latents as deployed are z where z > θ, 0 elsewhere (θ ≥ 0). A
+        thresholded architecture gives the affine map (in `out` if given) and its threshold, so that a
+        caller wanting only the active entries skips a pass over [B, m] that sets the rest to 0; TopK
+        and ReLU give their latents (a fresh tensor), θ 0."""
+        theta_M = self.arch.threshold_M(self)
+        if theta_M is not None:
+            return self.affine(self.normalize(x_BD)[0], out), theta_M
+        return self.encode(x_BD), x_BD.new_zeros(self.m)
+
+    def encoded_rows(self, x_BD: Tensor, tokens_B: Tensor | None = None, positions_B: Tensor | None = None):
+        """[B] bool: the raw rows this SAE encodes, its gate passing the others through (token ids and
+        positions in their contexts are needed only by a BOS or first-position gate); None: every row."""
+        return None if self.gate.empty else ~self.gate.gated(x_BD, tokens_B, positions_B)
+
+    def reconstruct(self, x_BD: Tensor, encode_B: Tensor | None = None, batch_mode: bool = False,
+                    theta: float | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(reconstruction [B, d] float32, latents [B, m]) of raw rows, as deployed: the rows of encode_B
+        (None: all, as SAELens encodes) through the SAE, the others kept as they are with no latent;
+        batch mode selects among the encoded rows only; `theta` replaces BatchTopK's θ."""
+        if encode_B is not None:
+            recon_BD, latents_BM = x_BD.float().clone(), x_BD.new_zeros(len(x_BD), self.m, dtype=torch.float32)
+            if encode_B.any():
+                recon_ND, latents_NM = self.reconstruct(x_BD[encode_B], None, batch_mode, theta)
+                recon_BD[encode_B], latents_BM[encode_B] = recon_ND, latents_NM.float()
+            return recon_BD, latents_BM
+        x_n, mult, shift = self.normalize(x_BD)
+        latents_BM = self.encode_normalized(x_n, batch_mode, theta)
+        return (self.decode(latents_BM) * mult + shift).float(), latents_BM
+
+    # -- the SAE's input space: normalised rows ---------------------------------------------------
     def affine(self, x_BD: Tensor, out: Tensor | None = None) -> Tensor:
         """(x − b_dec) W_enc + b_enc [B, m], a fresh tensor (callers may change it in place) or written
         into `out`: a loop that reuses one buffer saves, on CPU, the page faults of a fresh [B, m]
@@ -130,93 +109,34 @@ class SparseAutoencoder(nn.Module):
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         return self.affine(x_BD).relu_()  # in place: a pass over [B, m] fewer
 
-    def threshold_M(self) -> Tensor:
-        """Per-latent inference threshold: BatchTopK's θ (eq. 7) broadcast, JumpReLU's exp(log θ)."""
-        if self.spec.arch == "jumprelu":
-            return self.log_threshold.detach().exp()
-        return self.theta.expand(self.m)
-
-    def scores(self, x_BD: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(z_BM, θ_M): the latents as deployed are z where z > θ, 0 elsewhere (θ ≥ 0). BatchTopK and
-        JumpReLU give the affine map (in `out` if given) and their threshold, so that a caller wanting
-        only the active entries skips a pass over [B, m] that sets the rest to 0; TopK and ReLU give
-        their latents (a fresh tensor), θ 0."""
-        if self.spec.arch in ("batchtopk", "jumprelu"):
-            return self.affine(x_BD, out), self.threshold_M()
-        return self.encode(x_BD), x_BD.new_zeros(self.m)
-
-    def encode(self, x_BD: Tensor, batch_mode: bool = False, theta: float | None = None) -> Tensor:
-        """Dense latents [B, m]; BatchTopK runs as JumpReLU with its scalar θ (or `theta`), or, in
-        batch_mode, in its training form (the B·k largest activations of this batch together)."""
-        if self.spec.arch in ("batchtopk", "jumprelu") and not batch_mode:
-            # θ ≥ 0: the ReLU and the threshold in one in-place pass over the affine map, 2.5× faster on
-            # CPU than a where() over [B, m] and no host sync for θ; +0 (not −0) below θ
-            z_BM, theta_M = self.scores(x_BD)
-            return z_BM.masked_fill_(z_BM <= (theta_M if theta is None else theta), 0.0)
-        pre_BM = self.pre_acts(x_BD)
-        if self.spec.arch in ("topk", "batchtopk"):
-            select = select_topk if self.spec.arch == "topk" else select_batchtopk
-            return densify(select(pre_BM, self.spec.k), *pre_BM.shape)
-        return pre_BM
-
     def decode(self, latents_BM: Tensor) -> Tensor:
+        """Dense latents back to the SAE's input space (un-normalise with normalize's mult and shift)."""
         return latents_BM @ self.W_dec + self.b_dec
 
-    # -- training form ---------------------------------------------------------------------------
-    def forward(self, x_BD: Tensor, aux_k: int = 0) -> SAEOutput:
-        """aux_k: width of AuxK's top-k over the dead latents (topk, batchtopk); 0: no AuxK. The trainer
-        sizes it from the dead count (train.trainer.DeadLatents); a batch with no dead latent adds 0."""
-        B = x_BD.shape[0]
-        # sparse: (batch)topk's encoder gradient over the kept entries only (KeptEncoderGrad)
-        kept_grad = self.sparse_decode and self.spec.arch in TOPK_ARCHS
-        with torch.no_grad() if kept_grad else contextlib.nullcontext():
-            pre_BM = self.pre_acts(x_BD)
-        zero = pre_BM.new_zeros(())
-        sparsity = aux = zero
-        if self.spec.arch in TOPK_ARCHS:
-            select = select_topk if self.spec.arch == "topk" else select_batchtopk
-            active = select(pre_BM, self.spec.k)
-            if kept_grad:
-                active = self._with_encoder_grad(active, x_BD)
-            decode = decode_sparse if self.sparse_decode else decode_dense
-            recon_BD = decode(active, self.W_dec) + self.b_dec
-            latents, fired_N = active, (active.acts_N > 0).detach()
-            l0_B = torch.zeros(B, device=x_BD.device).index_add_(0, active.rows_N, fired_N.float())
-            # a sum, not a boolean-mask gather: no data-dependent shape, so torch.compile keeps one graph
-            fired_M = torch.zeros(self.m, device=x_BD.device).index_add_(0, active.cols_N, fired_N.float()) > 0
-            if aux_k:
-                aux = self.aux_coeff * self.auxk_loss(x_BD, recon_BD, pre_BM, aux_k)
-        else:
-            if self.spec.arch == "jumprelu":
-                latents_BM = JumpReLU.apply(pre_BM.float(), self.log_threshold, self.bandwidth)
-                l0_B = StepL0.apply(pre_BM.float(), self.log_threshold, self.bandwidth)
-                sparsity = self.spec.l0_coeff * l0_B.mean()
-            else:
-                latents_BM = pre_BM
-                sparsity = self.spec.l1_coeff * (latents_BM * self.W_dec.norm(dim=1)).sum(1).mean()
-            recon_BD = self.decode(latents_BM)
-            latents = latents_BM.detach()
-            l0_B, fired_M = (latents > 0).sum(1).float(), (latents > 0).any(0)
-        mse = (recon_BD.float() - x_BD.float()).square().mean()
-        if self.training:
-            self.tokens_since_fired_M.add_(B).masked_fill_(fired_M, 0)
-        return SAEOutput(recon_BD, latents, l0_B, fired_M, mse, sparsity, aux, mse + sparsity + aux)
+    def decode_active(self, active: Active) -> Tensor:
+        """Σ over kept entries of act · W_dec row [B, d], without b_dec: sparse or dense (the reference)."""
+        return (decode_sparse if self.sparse_decode else decode_dense)(active, self.W_dec)
 
-    def auxk_loss(self, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor, aux_k: int) -> Tensor:
-        """Gao et al.: reconstruct the residual from the aux_k largest dead latents (no b_dec)."""
-        dead_M = self.dead_M()
-        active = select_dead(pre_BM, dead_M, aux_k)
-        if self.sparse_decode:  # pre_BM was made without autograd (forward)
-            active = self._with_encoder_grad(active, x_BD)
-        decode = decode_sparse if self.sparse_decode else decode_dense
-        residual_BD = (x_BD - recon_BD).detach()
-        return (decode(active, self.W_dec).float() - residual_BD.float()).square().mean() * dead_M.any()
-
-    def _with_encoder_grad(self, active: Active, x_BD: Tensor) -> Active:
+    def with_encoder_grad(self, active: Active, x_BD: Tensor) -> Active:
+        """Kept entries of a pre_BM made without autograd, given the encoder's gradient at them only."""
         acts_N = KeptEncoderGrad.apply(
             active.acts_N, x_BD, self.W_enc, self.b_enc, self.b_dec, active.rows_N, active.cols_N, active.offsets_B
         )
         return active._replace(acts_N=acts_N)
+
+    def mse(self, recon_BD: Tensor, x_BD: Tensor) -> Tensor:
+        """Mean over all B·d elements of (x − x̂)², in float32."""
+        return (recon_BD.float() - x_BD.float()).square().mean()
+
+    # -- training --------------------------------------------------------------------------------
+    def forward(self, x_BD: Tensor, aux_k: int = 0) -> SAEOutput:
+        """The training forward of raw rows (losses in the input space). aux_k: width of AuxK's top-k
+        over the dead latents; 0: no AuxK. The trainer sizes it from the dead count
+        (train.trainer.DeadLatents); a batch with no dead latent adds 0."""
+        out = self.arch.forward(self, self.normalize(x_BD)[0], aux_k)
+        if self.training:
+            self.tokens_since_fired_M.add_(len(x_BD)).masked_fill_(out.fired_M, 0)
+        return out
 
     def dead_M(self) -> Tensor:
         """[m] bool: latents that have not fired for dead_tokens tokens."""
@@ -235,6 +155,25 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is not None:
             along_M1 = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
             self.W_dec.grad.sub_(along_M1 * self.W_dec)
+
+    # -- saving ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self) -> dict[str, Tensor]:
+        """SAELens tensors acting on raw activations, float32 on the CPU: the input scale s folded in.
+
+        pre = (s·x − b_dec) W_enc + b_enc = (x − b_dec/s)(s·W_enc) + b_enc;  x̂ = (f W_dec + b_dec)/s.
+        """
+        s = self.input_scale
+        tensors = {
+            "W_enc": self.W_enc * s,
+            "b_enc": self.b_enc.clone(),
+            "W_dec": self.W_dec / s,
+            "b_dec": self.b_dec / s,
+        }
+        threshold_M = self.arch.threshold_M(self)
+        if threshold_M is not None:
+            tensors["threshold"] = threshold_M.clone()
+        return {name: t.float().cpu().contiguous() for name, t in tensors.items()}
 
 
 def normalize_input(x_BD: Tensor, mode: str, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:

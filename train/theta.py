@@ -18,9 +18,9 @@ from torch import Tensor
 
 from sae.device import resolve_device
 from sae.errors import UserError
-from sae.train.checkpoint import load_sae, read_run, save_run
-from sae.train.heldout import batches, evaluate_heldout, heldout_rows
-from sae.train.sae import SparseAutoencoder, normalize_input
+from sae.train.holdout import batches, evaluate_heldout, heldout_rows
+from sae.train.rundir import TRAINING_KEYS, load_sae, read_run, run_cfg, save_run
+from sae.train.sae import SparseAutoencoder
 from sae.train.sparse import Active
 
 
@@ -45,11 +45,11 @@ class Eq7Estimate:
 
 
 @torch.no_grad()
-def calibrate_theta(sae: SparseAutoencoder, inputs: Iterable[Tensor], target_l0: float) -> dict[str, Any]:
-    """θ giving mean L0 = target_l0 on these SAE inputs (batches of rows as the encoder sees them);
-    exact: it keeps the n + 1 largest pre-activations seen so far, never all of them."""
+def calibrate_theta(sae: SparseAutoencoder, rows: Iterable[Tensor], target_l0: float) -> dict[str, Any]:
+    """θ giving mean L0 = target_l0 on these batches of raw rows; exact: it keeps the n + 1 largest
+    pre-activations seen so far, never all of them."""
     top_K = None
-    batches = list(inputs)
+    batches = [sae.normalize(x_BD)[0] for x_BD in rows]
     n_rows = sum(len(x_BD) for x_BD in batches)
     n_keep = round(target_l0 * n_rows)
     if not 0 < n_keep < n_rows * sae.m:
@@ -73,26 +73,24 @@ def calibrate_run(run_dir: Path, target_l0: float | None = None, cache: str | No
     """Choose a saved BatchTopK run's θ again on its held-out rows (gated as in training) for mean L0
     = target_l0 (default k); rewrites its weights and cfg.json (eq. 7's θ stays beside it)."""
     run = read_run(run_dir, cache)
-    arch = run.cfg["training_architecture"]
-    if arch != "batchtopk":
-        raise UserError(f"{run_dir} is a {arch} SAE; only BatchTopK has a θ to calibrate")
+    device = resolve_device(device)
+    sae = load_sae(run_dir, device)
+    if not sae.arch.calibrated_theta:
+        raise UserError(f"{run_dir} is a {sae.spec.arch} SAE; only BatchTopK has a θ to calibrate")
     chunks = run.cfg.get("heldout", {}).get("chunks")
     if not chunks:
         raise UserError(
             f"run {run_dir} has no held-out rows to calibrate on (trained with --holdout-chunks 0, or unfinished)"
         )
-    device = resolve_device(device)
-    sae = load_sae(run_dir, device)
     target = sae.spec.k if target_l0 is None else target_l0
     if not 0 < target < sae.m:
         raise UserError(f"target L0 must be in (0, {sae.m}), got {target}")
-    mode = sae.input_mode  # the scale is in the weights
     held = heldout_rows(run.cache, run.layer, chunks, sae.gate)
     batch_size = run.cfg["train_config"]["batch_size"]
-    inputs = (normalize_input(x_BD, mode)[0] for x_BD in batches(held.rows_ND, batch_size, device))
-    calibration = calibrate_theta(sae, inputs, target)
+    calibration = calibrate_theta(sae, batches(held.rows_ND, batch_size, device), target)
     sae.theta.fill_(calibration["theta"])
-    heldout = {**run.cfg["heldout"], **evaluate_heldout(sae, held, mode, 1.0, batch_size, device)}
-    cfg = {**run.cfg, "theta": calibration["theta"], "theta_source": "calibrated", "theta_calibration": calibration}
-    save_run(Path(run_dir), sae, 1.0, {**cfg, "heldout": heldout})
+    heldout = {**run.cfg["heldout"], **evaluate_heldout(sae, held, batch_size, device)}
+    training = {key: run.cfg[key] for key in TRAINING_KEYS if key in run.cfg}
+    training.update(theta_source="calibrated", theta_calibration=calibration, heldout=heldout)
+    save_run(Path(run_dir), sae, run_cfg(sae, run.cfg["cache"], training))
     return calibration

@@ -1,0 +1,69 @@
+"""TopK (Gao et al., 2024): the k largest pre-activations of each row; AuxK revives dead latents.
+
+The kept entries travel as an Active list (train.sparse), never as a dense [B, m] matrix: the decode
+and, on the sparse path, the encoder's gradient touch only them (B·k·d work). BatchTopK and Matryoshka
+BatchTopK inherit this forward and change the selection and the loss.
+"""
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from sae.train.archs.base import Architecture, SAEOutput
+from sae.train.sparse import Active, densify, select_dead, select_topk
+
+
+class TopK(Architecture):
+    name = "topk"
+    saelens_architecture = "topk"
+
+    def __init__(self, spec, cfg):
+        super().__init__(spec, cfg)
+        self.aux_k, self.aux_coeff = cfg.aux_k, cfg.aux_coeff
+
+    def select(self, pre_BM: Tensor) -> Active:
+        return select_topk(pre_BM, self.spec.k)
+
+    def select_dense(self, sae, pre_BM: Tensor) -> Tensor:
+        return densify(self.select(pre_BM), *pre_BM.shape)
+
+    def kept(self, sae, x_BD: Tensor) -> tuple[Tensor, Active]:
+        """(pre-activations [B, m], the selected entries carrying the encoder's gradient). On the sparse
+        path pre_BM is made without autograd and the gradient flows through the kept entries only."""
+        with torch.no_grad() if sae.sparse_decode else contextlib.nullcontext():
+            pre_BM = sae.pre_acts(x_BD)
+        active = self.select(pre_BM)
+        if sae.sparse_decode:
+            active = sae.with_encoder_grad(active, x_BD)
+        return pre_BM, active
+
+    def forward(self, sae, x_BD: Tensor, aux_k: int) -> SAEOutput:
+        pre_BM, active = self.kept(sae, x_BD)
+        recon_BD = sae.decode_active(active) + sae.b_dec
+        l0_B, fired_M = fired(active, len(x_BD), sae.m)
+        zero = pre_BM.new_zeros(())
+        aux = self.aux_coeff * self.auxk_loss(sae, x_BD, recon_BD, pre_BM, aux_k) if aux_k else zero
+        mse = sae.mse(recon_BD, x_BD)
+        return SAEOutput(recon_BD, active, l0_B, fired_M, mse, zero, aux, mse + zero + aux)
+
+    def auxk_loss(self, sae, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor, aux_k: int) -> Tensor:
+        """Gao et al.: reconstruct the residual from the aux_k largest dead latents (no b_dec)."""
+        dead_M = sae.dead_M()
+        active = select_dead(pre_BM, dead_M, aux_k)
+        if sae.sparse_decode:  # pre_BM was made without autograd (kept)
+            active = sae.with_encoder_grad(active, x_BD)
+        residual_BD = (x_BD - recon_BD).detach()
+        return (sae.decode_active(active).float() - residual_BD.float()).square().mean() * dead_M.any()
+
+    def saelens_fields(self) -> dict:
+        return {"k": self.spec.k}
+
+
+def fired(active: Active, B: int, M: int) -> tuple[Tensor, Tensor]:
+    """(active latents per row [B], whether each latent fired [M]) of the kept entries."""
+    fired_N = (active.acts_N > 0).detach()
+    l0_B = torch.zeros(B, device=fired_N.device).index_add_(0, active.rows_N, fired_N.float())
+    # a sum, not a boolean-mask gather: no data-dependent shape, so torch.compile keeps one graph
+    fired_M = torch.zeros(M, device=fired_N.device).index_add_(0, active.cols_N, fired_N.float()) > 0
+    return l0_B, fired_M

@@ -1,0 +1,56 @@
+"""What the SAEs see of the cache's rows: the gate, the "scale" normalisation's factor, and where b_dec
+starts; set up once per training from the cache (or a sample of it) and shared by every SAE of a sweep."""
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from sae.cache.store import Cache
+from sae.train.config import TrainConfig
+from sae.train.gate import Gate, build_gate, sample_kept_rows
+from sae.train.sae import normalize_input
+
+
+class InputSetup(NamedTuple):
+    gate: Gate
+    scale: float
+    """The "scale" normalisation's factor (1 otherwise): E‖x‖ = √d over the ungated rows."""
+    gated_fraction: float
+    """Of a sample of the training rows (0 without a gate): sizes a pass over the ungated rows."""
+    b_dec_D: torch.Tensor | None
+    """The decoder bias's initial value (cfg.b_dec_init "median"), in the SAE's input units; None: zeros."""
+
+    def record(self, normalize: str) -> dict[str, Any]:
+        return {"normalize": normalize, "scale": self.scale, "gated_fraction_sample": self.gated_fraction}
+
+
+def input_setup(cfg: TrainConfig, cache: Cache, layer: int, train_chunks: list[int]) -> InputSetup:
+    gate = build_gate(cache, layer, cfg.gate_bos, cfg.gate_first, cfg.gate_norm)
+    sample_RD = None
+    if gate.empty:  # the cache's exact statistics
+        mean_norm, gated_fraction = cache.stats(layer)["mean_norm"], 0.0
+    else:
+        sample_RD, gated_fraction = sample_kept_rows(cache, layer, train_chunks, gate)
+        mean_norm = float(sample_RD.norm(dim=1).mean())
+    scale = math.sqrt(cache.d_model) / mean_norm if cfg.normalize == "scale" else 1.0
+    b_dec_D = None
+    if cfg.b_dec_init == "median":
+        if sample_RD is None:
+            sample_RD = sample_kept_rows(cache, layer, train_chunks, gate)[0]
+        b_dec_D = geometric_median(normalize_input(sample_RD, cfg.normalize, scale)[0])
+    return InputSetup(gate, scale, gated_fraction, b_dec_D)
+
+
+def geometric_median(points_ND: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """argmin_y Σ‖x − y‖ by Weiszfeld's iteration from the mean: a centre that the few massive-norm
+    rows cannot drag, as the mean is dragged. Stops once a step moves y by less than tol·‖y‖."""
+    points_ND = points_ND.double()
+    y_D = points_ND.mean(0)
+    for _ in range(iterations):
+        weight_N = 1 / (points_ND - y_D).norm(dim=1).clamp(min=1e-12)  # a point at y: its pull dominates
+        step_D = (weight_N[:, None] * points_ND).sum(0) / weight_N.sum() - y_D
+        y_D = y_D + step_D
+        if step_D.norm() <= tol * y_D.norm():
+            break
+    return y_D.float()

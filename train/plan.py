@@ -1,0 +1,78 @@
+"""What a training will do, settled before it starts: the layer, the chunks it trains on and holds out,
+what the SAEs see of the rows (train.inputs), its steps and snapshots, and its run directories."""
+
+from pathlib import Path
+from typing import NamedTuple
+
+from sae.cache.store import Cache
+from sae.errors import UserError
+from sae.train.archs import ARCHITECTURES
+from sae.train.config import SAESpec, TrainConfig
+from sae.train.holdout import holdout_chunks
+from sae.train.inputs import InputSetup, input_setup
+
+
+class Plan(NamedTuple):
+    cache: Cache
+    layer: int
+    specs: list[SAESpec]
+    run_dirs: list[Path]
+    train_chunks: list[int]
+    held_chunks: list[int]
+    setup: InputSetup
+    steps: int
+    """Steps of cfg.batch_size rows per rank."""
+    pass_rows: int
+    """Ungated training rows in one pass (estimated from the gate's sample)."""
+    tokens_per_step: int
+    """Over all ranks."""
+    snapshot_steps: set[int]
+
+
+def plan_training(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
+    layer = pick_layer(cfg, cache)
+    specs = cfg.specs()
+    held_chunks = holdout_chunks(cache, cfg.holdout_chunks)
+    train_chunks = [c for c in range(cache.n_chunks) if c not in held_chunks]
+    if not train_chunks:
+        raise UserError(f"cache {cache.path} has {cache.n_chunks} chunk(s), all held out; lower --holdout-chunks")
+    if cfg.theta == "calibrated" and not held_chunks and any(ARCHITECTURES[s.arch].calibrated_theta for s in specs):
+        raise UserError("calibrating BatchTopK's θ needs held-out rows: set --holdout-chunks 1 or more, or --theta eq7")
+    setup = input_setup(cfg, cache, layer, train_chunks)
+    steps, pass_rows = training_steps(cfg, cache, train_chunks, setup.gated_fraction, world)
+    tokens_per_step = cfg.batch_size * world
+    # Snapshots at or past the end are the run itself.
+    snapshot_steps = {t // tokens_per_step for t in cfg.snapshots if 0 < t // tokens_per_step < steps}
+    run_dirs = [Path(cfg.out) / s.name for s in specs]
+    return Plan(cache, layer, specs, run_dirs, train_chunks, held_chunks, setup, steps, pass_rows, tokens_per_step,
+                snapshot_steps)  # fmt: skip
+
+
+def pick_layer(cfg: TrainConfig, cache: Cache) -> int:
+    if cfg.layer is None:
+        if len(cache.layers) > 1:
+            raise UserError(f"cache {cache.path} holds layers {cache.layers}; choose one with --layer")
+        return cache.layers[0]
+    if cfg.layer not in cache.layers:
+        raise UserError(f"layer {cfg.layer} is not in cache {cache.path} (it holds {cache.layers})")
+    return cfg.layer
+
+
+def training_steps(
+    cfg: TrainConfig, cache: Cache, train_chunks: list[int], gated_fraction: float, world: int
+) -> tuple[int, int]:
+    """(steps of cfg.batch_size rows per rank, rows in a pass): cfg.tokens, else cfg.epochs passes over
+    the ungated training rows (their count estimated from the gate's sample)."""
+    train_rows = sum(cache.contexts_in_chunk(c) for c in train_chunks) * cache.ctx_len
+    pass_rows = round(train_rows * (1 - gated_fraction))
+    available = int(cfg.epochs * pass_rows)
+    tokens = cfg.tokens or available
+    if tokens > available:
+        gated = f", {gated_fraction:.1%} of them gated" if gated_fraction else ""
+        raise UserError(
+            f"cache {cache.path} has {train_rows:,} training rows ({cache.rows:,} committed, {cfg.holdout_chunks} "
+            f"chunk(s) held out{gated}); {cfg.epochs:g} pass(es) over them are {available:,} tokens, fewer than the "
+            f"{tokens:,} tokens asked; harvest more (sae harvest --tokens N), lower --tokens or allow more passes "
+            f"with --epochs"
+        )
+    return max(1, tokens // (cfg.batch_size * world)), pass_rows
