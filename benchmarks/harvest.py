@@ -48,16 +48,16 @@ CODECS = [
 SCALED_CODECS = ["none", "zstd:1", "blosc-zstd:1:shuffle"]  # 8-bit values: shuffling has nothing to regroup
 
 
-def plain_forward_tok_per_s(loaded: LoadedModel, cfg: HarvestConfig, tokens_NT: np.ndarray, device) -> float:
-    ids_NT = torch.from_numpy(tokens_NT).long()
+def plain_forward_tok_per_s(loaded: LoadedModel, cfg: HarvestConfig, tokens_CT: np.ndarray, device) -> float:
+    ids_CT = torch.from_numpy(tokens_CT).long()
     with torch.inference_mode():
-        loaded.model(input_ids=ids_NT[: cfg.batch_contexts].to(device), use_cache=False)  # warm-up
+        loaded.model(input_ids=ids_CT[: cfg.batch_contexts].to(device), use_cache=False)  # warm-up
         sync(device)
         start = time.perf_counter()
-        for b0 in range(0, len(ids_NT), cfg.batch_contexts):
-            loaded.model(input_ids=ids_NT[b0 : b0 + cfg.batch_contexts].to(device), use_cache=False)
+        for b0 in range(0, len(ids_CT), cfg.batch_contexts):
+            loaded.model(input_ids=ids_CT[b0 : b0 + cfg.batch_contexts].to(device), use_cache=False)
         sync(device)
-    return ids_NT.numel() / (time.perf_counter() - start)
+    return ids_CT.numel() / (time.perf_counter() - start)
 
 
 def sync(device: torch.device) -> None:
@@ -149,11 +149,11 @@ def measure(
         start = time.perf_counter()
         cache = open_cache(harvest(cfg, loaded))
         harvest_s = time.perf_counter() - start
-        tokens_NT = np.concatenate([cache.read_tokens(i) for i in range(cache.n_chunks)])
+        tokens_CT = np.concatenate([cache.read_tokens(i) for i in range(cache.n_chunks)])
         acts_RD = torch.cat([cache.read_acts(layer, i) for i in range(cache.n_chunks)]).float()
         chunk_rows = cache.chunk_rows
-    plain = plain_forward_tok_per_s(loaded, cfg, tokens_NT, device)
-    ours = tokens_NT.size / harvest_s  # dataset loading, tokenizing, forward, conversion, writing
+    plain = plain_forward_tok_per_s(loaded, cfg, tokens_CT, device)
+    ours = tokens_CT.size / harvest_s  # dataset loading, tokenizing, forward, conversion, writing
     d, T = loaded.d_model, cfg.ctx_len
     head = loaded.model.get_output_embeddings().weight.numel()
     n_params = [sum(p.numel() for p in block.parameters()) for block in loaded.blocks]
@@ -168,7 +168,7 @@ def measure(
     write_ceiling = {n: write_ceiling_rows_per_s(acts_RD, chunk_rows, cfg.ctx_len, n) for n in (1, WRITERS)}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": model, "layer": layer, "n_layers": loaded.n_layers, "tokens": int(tokens_NT.size),
+        "model": model, "layer": layer, "n_layers": loaded.n_layers, "tokens": int(tokens_CT.size),
         "model_dtype": model_dtype, "batch_contexts": batch_contexts,
         "plain_tok_s": plain, "harvest_tok_s": ours, "ratio": ours / plain,
         "plain_mfu": plain * plain_flops / peak, "harvest_mfu": ours * harvest_flops / peak,

@@ -207,16 +207,16 @@ def find_caches(cache_root: "str | Path | Location", declared: dict[str, Any]) -
     return [c for c in list_caches(cache_root) if all(c.spec.get(k) == v for k, v in declared.items())]
 
 
-def summarize_chunk_stats(stats_CS: np.ndarray) -> dict[str, Any]:
+def summarize_chunk_stats(stats_per_chunk: np.ndarray) -> dict[str, Any]:
     """Totals over committed chunks: [n_chunks, len(STAT_COLUMNS) + d_model] float64 sums."""
-    totals = dict(zip(STAT_COLUMNS, stats_CS[:, : len(STAT_COLUMNS)].sum(0).tolist(), strict=True))
+    totals = dict(zip(STAT_COLUMNS, stats_per_chunk[:, : len(STAT_COLUMNS)].sum(0).tolist(), strict=True))
     rows, plain_rows = max(totals["rows"], 1), max(totals["plain_rows"], 1)
     return {
         "count": int(totals["rows"]),
-        "mean_D": (stats_CS[:, len(STAT_COLUMNS) :].sum(0) / rows).tolist(),
+        "mean_D": (stats_per_chunk[:, len(STAT_COLUMNS) :].sum(0) / rows).tolist(),
         "mean_norm": totals["norm_sum"] / rows,
         "mean_sq_norm": totals["norm_sq_sum"] / rows,
-        "max_norm": float(stats_CS[:, STAT_COLUMNS.index("norm_max")].max(initial=0.0)),
+        "max_norm": float(stats_per_chunk[:, STAT_COLUMNS.index("norm_max")].max(initial=0.0)),
         "plain_count": int(totals["plain_rows"]),
         "plain_mean_norm": totals["plain_norm_sum"] / plain_rows,
         "plain_mean_sq_norm": totals["plain_norm_sq_sum"] / plain_rows,
@@ -242,11 +242,11 @@ def chunk_stats(acts_RD: torch.Tensor, plain_R: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.stack(head), acts_RD.sum(0)])
 
 
-def merge_chunk_stats(stats_NS):
+def merge_chunk_stats(stats_per_batch):
     """Rows of chunk_stats (torch or numpy) of disjoint row sets as one row of their union."""
-    merged_S = stats_NS.sum(0)
-    merged_S[NORM_MAX] = stats_NS[:, NORM_MAX].max()
-    return merged_S
+    merged_F = stats_per_batch.sum(0)
+    merged_F[NORM_MAX] = stats_per_batch[:, NORM_MAX].max()
+    return merged_F
 
 
 class CacheWriter:
@@ -353,8 +353,8 @@ class CacheWriter:
         chunk_contexts = self.meta["storage"]["chunk_contexts"]
         assert chunk_index == self.resume["chunk_index"], f"chunk {chunk_index} != {self.resume['chunk_index']}"
         ctx0 = chunk_index * chunk_contexts
-        for layer, stats_S in stats.items():
-            if not np.isfinite(stats_S[STAT_COLUMNS.index("norm_sum")]):  # float16 overflows above 65504
+        for layer, stats_F in stats.items():
+            if not np.isfinite(stats_F[STAT_COLUMNS.index("norm_sum")]):  # float16 overflows above 65504
                 raise UserError(
                     f"non-finite activations (NaN/inf) at layer {layer} in contexts {ctx0}..{ctx0 + n_ctx - 1}"
                     f" (in {self.meta['spec']['dtype']}); nothing from this chunk was committed; try"
@@ -367,13 +367,13 @@ class CacheWriter:
         if full:
             meta["resume"] = {"chunk_index": chunk_index + 1, "stream": stream_after}
         meta["stats"], full_stats = {}, {}
-        for layer, stats_S in stats.items():
-            full_stats[layer] = merge_chunk_stats(np.stack([self._full_stats[layer], stats_S]))
+        for layer, stats_F in stats.items():
+            full_stats[layer] = merge_chunk_stats(np.stack([self._full_stats[layer], stats_F]))
             meta["stats"][str(layer)] = summarize_chunk_stats(full_stats[layer][None])
         meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         with self._storage_errors(f"the commit of chunk {chunk_index}"):
-            for layer, stats_S in stats.items():
-                self.group[f"chunk_stats/{layer}"][chunk_index] = stats_S
+            for layer, stats_F in stats.items():
+                self.group[f"chunk_stats/{layer}"][chunk_index] = stats_F
             self.group.attrs[META_KEY] = meta  # the commit: one whole-object write
         if full:
             self._full_stats.update(full_stats)

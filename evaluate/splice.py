@@ -141,9 +141,9 @@ class Splicer:
             if slot not in slot_of[i + 1 :]:
                 logits.pop(slot)  # its memory goes once nothing later needs it
 
-    def _after_site(self, ids_NT: Tensor, acts_NTD: Tensor) -> Tensor:
+    def _after_site(self, ids_BT: Tensor, acts_BTD: Tensor) -> Tensor:
         with skip_blocks(self.loaded.blocks, self.prefix, self.tuple_out):
-            return _logits(self.loaded, ids_NT, self.site, self.layer, lambda _, original: acts_NTD)
+            return _logits(self.loaded, ids_BT, self.site, self.layer, lambda _, original: acts_BTD)
 
     def _agree(self, clean_BTV: Tensor, rerun_BTV: Tensor) -> bool:
         tolerance = CHECK_TOLERANCE.get(clean_BTV.dtype, CHECK_TOLERANCE_HALF)

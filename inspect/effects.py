@@ -19,8 +19,8 @@ FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_nor
 
 
 class Ranked(NamedTuple):
-    ids_MN: np.ndarray
-    values_MN: np.ndarray
+    ids_MK: np.ndarray
+    values_MK: np.ndarray
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:

@@ -135,10 +135,10 @@ def quantile_slots(sample: Kept, q: int) -> list[tuple[np.ndarray, np.ndarray]]:
 def histograms(sample: Kept, max_M: np.ndarray, bins: int) -> np.ndarray:
     """[m, bins] counts of each latent's sampled nonzero activations over [0, max]."""
     m = len(max_M)
-    valid_MS = sample.row_MK >= 0
-    scaled_MS = sample.value_MK / np.where(max_M > 0, max_M, 1)[:, None]
-    bin_MS = np.clip((scaled_MS * bins).astype(int), 0, bins - 1)
-    flat = (np.arange(m)[:, None] * bins + bin_MS)[valid_MS]
+    valid_MK = sample.row_MK >= 0
+    scaled_MK = sample.value_MK / np.where(max_M > 0, max_M, 1)[:, None]
+    bin_MK = np.clip((scaled_MK * bins).astype(int), 0, bins - 1)
+    flat = (np.arange(m)[:, None] * bins + bin_MK)[valid_MK]
     return np.bincount(flat, minlength=m * bins).reshape(m, bins)
 
 
@@ -163,17 +163,17 @@ def latent_records(result: ScanResult, cfg: InspectConfig, ctx_len: int, tokens_
     token_lists = {}
     if effects is not None:
         for name, ranked in zip(("promoted", "suppressed"), effects, strict=True):
-            strings = vocab.tokens(ranked.ids_MN.reshape(-1)).tolist()
-            logits = rounded(ranked.values_MN, 4).tolist()
-            n = ranked.ids_MN.shape[1]
+            strings = vocab.tokens(ranked.ids_MK.reshape(-1)).tolist()
+            logits = rounded(ranked.values_MK, 4).tolist()
+            n = ranked.ids_MK.shape[1]
             token_lists[name] = [
                 [
                     {"id": int(i), "token": strings[j * n + r], "logit": logits[j][r]}
-                    for r, i in enumerate(ranked.ids_MN[j])
+                    for r, i in enumerate(ranked.ids_MK[j])
                 ]
                 for j in range(m)
             ]
-    cosines = rounded(neighbours.values_MN, 4).tolist()
+    cosines = rounded(neighbours.values_MK, 4).tolist()
     records, t, q = [], 0, 0
     for j in range(m):
         count = int(result.count_M[j])
@@ -185,7 +185,7 @@ def latent_records(result: ScanResult, cfg: InspectConfig, ctx_len: int, tokens_
             "histogram": {"edges": edges, "counts": hist_MB[j].tolist()} if count else None,
             "promoted": token_lists["promoted"][j] if effects else [],
             "suppressed": token_lists["suppressed"][j] if effects else [],
-            "neighbours": [{"id": int(i), "cosine": c} for i, c in zip(neighbours.ids_MN[j], cosines[j], strict=True)],
+            "neighbours": [{"id": int(i), "cosine": c} for i, c in zip(neighbours.ids_MK[j], cosines[j], strict=True)],
         })  # fmt: skip
         t, q = t + n_top_M[j], q + n_q_M[j]
     return records

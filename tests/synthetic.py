@@ -64,7 +64,7 @@ def write_cache(root: str | Path, acts_RD: torch.Tensor, ctx_len: int, chunk_con
     tokens_R[::ctx_len] = 0
     if bos_every:
         tokens_R[::bos_every] = 0
-    tokens_NT = tokens_R.reshape(n_ctx, ctx_len)
+    tokens_CT = tokens_R.reshape(n_ctx, ctx_len)
     storage = {"codec": codec, "chunk_contexts": chunk_contexts}
     with writer_lock(path):
         writer = open_writer(path, spec, storage, acts_RD.shape[1], {"provenance": "synthetic"})
@@ -72,5 +72,5 @@ def write_cache(root: str | Path, acts_RD: torch.Tensor, ctx_len: int, chunk_con
         for chunk, ctx0 in enumerate(range(0, n_ctx, chunk_contexts)):
             ctx1 = min(ctx0 + chunk_contexts, n_ctx)
             acts = {layer: acts_RD[ctx0 * ctx_len : ctx1 * ctx_len]}
-            writer.write_chunk(chunk, tokens_NT[ctx0:ctx1], acts, {"doc": ctx1, "offset": 0})
+            writer.write_chunk(chunk, tokens_CT[ctx0:ctx1], acts, {"doc": ctx1, "offset": 0})
     return path.url

@@ -18,10 +18,10 @@ def test_smollm2_harvest_matches_its_own_forward(tmp_path):
     cache = open_cache(harvest(cfg))
     assert cache.d_model == 576 and cache.n_contexts == 48 and cache.spec["n_layers"] == 30
     assert cache.spec["model_revision"].startswith("sha256:")
-    tokens_NT = torch.from_numpy(cache.read_tokens(1)[:8]).long()
+    tokens_CT = torch.from_numpy(cache.read_tokens(1)[:8]).long()
     loaded = load_model("smollm2-135m")
     with torch.no_grad():
-        hidden = loaded.model(tokens_NT, output_hidden_states=True).hidden_states
+        hidden = loaded.model(tokens_CT, output_hidden_states=True).hidden_states
     for layer in (3, 6):
         stored = cache.read_acts(layer, 1)[: 8 * 128].float()
         torch.testing.assert_close(stored, hidden[layer].reshape(-1, 576), rtol=2e-3, atol=0.05)

@@ -240,7 +240,7 @@ def test_token_effects_and_neighbours(inspected, cache_path):  # noqa: F811
         assert [t["id"] for t in record["suppressed"]] == logits[j].topk(10, largest=False).indices.tolist()
         assert [n["id"] for n in record["neighbours"]] == nearest[j].tolist()
         assert all(e["text"] and len(e["tokens"]) == len(e["activations"]) for e in record["top"])
-    assert nearest_latents(sae.W_dec.detach(), 5).ids_MN.tolist() == nearest.tolist()
+    assert nearest_latents(sae.W_dec.detach(), 5).ids_MK.tolist() == nearest.tolist()
 
 
 def test_sae_inspect_command_and_latent_card(inspected, monkeypatch, capsys):

@@ -19,7 +19,7 @@ def holdout_chunks(cache: Cache, n_full: int) -> list[int]:
 
 
 class HeldOut(NamedTuple):
-    rows_ND: torch.Tensor
+    rows_RD: torch.Tensor
     """The ungated held-out rows, raw, float32, on the CPU."""
     n_gated: int
     chunks: list[int]
@@ -34,9 +34,9 @@ def heldout_rows(cache: Cache, layer: int, chunks: list[int], gate: Gate) -> Hel
     return HeldOut(torch.cat(kept), n_gated, chunks)
 
 
-def batches(rows_ND: torch.Tensor, batch_size: int, device: torch.device):
-    for start in range(0, len(rows_ND), batch_size):
-        yield rows_ND[start : start + batch_size].to(device)
+def batches(rows_RD: torch.Tensor, batch_size: int, device: torch.device):
+    for start in range(0, len(rows_RD), batch_size):
+        yield rows_RD[start : start + batch_size].to(device)
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def evaluate_heldout(sae: SparseAutoencoder, held: HeldOut, batch_size: int, dev
     was_training = sae.training
     sae.eval()
     sums = {"err": 0.0, "sq": 0.0, "mse_n": 0.0, "l0": 0.0, "x_sum": 0.0}
-    for x_BD in batches(held.rows_ND, batch_size, device):
+    for x_BD in batches(held.rows_RD, batch_size, device):
         x_n, mult, shift = sae.normalize(x_BD)
         latents_BM = sae.encode_normalized(x_n)
         recon_n = sae.decode(latents_BM)
@@ -55,10 +55,10 @@ def evaluate_heldout(sae: SparseAutoencoder, held: HeldOut, batch_size: int, dev
         sums["l0"] += (latents_BM > 0).double().sum()
         sums["x_sum"] += x_BD.double().sum(0)
     sae.train(was_training)
-    n = max(len(held.rows_ND), 1)
+    n = max(len(held.rows_RD), 1)
     total_var = sums["sq"] - sums["x_sum"].square().sum() / n  # Σ‖x − x̄‖²
     return {
-        "rows": len(held.rows_ND),
+        "rows": len(held.rows_RD),
         "rows_gated": held.n_gated,
         "fvu": float(sums["err"] / total_var),
         "nmse": float(sums["err"] / sums["sq"]),

@@ -42,14 +42,14 @@ def input_setup(cfg: TrainConfig, cache: Cache, layer: int, train_chunks: list[i
     return InputSetup(gate, scale, gated_fraction, b_dec_D)
 
 
-def geometric_median(points_ND: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
+def geometric_median(points_RD: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """argmin_y Σ‖x − y‖ by Weiszfeld's iteration from the mean: a centre that the few massive-norm
     rows cannot drag, as the mean is dragged. Stops once a step moves y by less than tol·‖y‖."""
-    points_ND = points_ND.double()
-    y_D = points_ND.mean(0)
+    points_RD = points_RD.double()
+    y_D = points_RD.mean(0)
     for _ in range(iterations):
-        weight_N = 1 / (points_ND - y_D).norm(dim=1).clamp(min=1e-12)  # a point at y: its pull dominates
-        step_D = (weight_N[:, None] * points_ND).sum(0) / weight_N.sum() - y_D
+        weight_R = 1 / (points_RD - y_D).norm(dim=1).clamp(min=1e-12)  # a point at y: its pull dominates
+        step_D = (weight_R[:, None] * points_RD).sum(0) / weight_R.sum() - y_D
         y_D = y_D + step_D
         if step_D.norm() <= tol * y_D.norm():
             break

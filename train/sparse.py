@@ -94,20 +94,20 @@ def select_batchtopk_threshold(pre_BM: Tensor, k: int) -> Active:
     n = B * k
     flat_N = pre_BM.detach().flatten()
     t = _sample_threshold(flat_N, n, M)
-    cand_S = (flat_N >= t).nonzero().squeeze(1) if t > 0 else flat_N[:0]  # row-major: no sort needed
-    if len(cand_S) < n:  # the sample overestimated v, or fewer than ~B·k entries are positive
+    cand_N = (flat_N >= t).nonzero().squeeze(1) if t > 0 else flat_N[:0]  # row-major: no sort needed
+    if len(cand_N) < n:  # the sample overestimated v, or fewer than ~B·k entries are positive
         t = flat_N.topk(n, sorted=False).values.min()
-        cand_S = (flat_N >= t).nonzero().squeeze(1)
-    values_S = flat_N.index_select(0, cand_S)
-    if len(cand_S) > n:
-        top = values_S.topk(n + 1, sorted=False)
+        cand_N = (flat_N >= t).nonzero().squeeze(1)
+    cand_values_N = flat_N.index_select(0, cand_N)
+    if len(cand_N) > n:
+        top = cand_values_N.topk(n + 1, sorted=False)
         (w, v), (w_at, _) = top.values.topk(2, largest=False)  # the (n+1)-th and the n-th largest
         if not w < v:  # a tie across the boundary: the tie rule decides
-            return _active(pre_BM, cand_S[_keep_first(values_S, v, n)])
+            return _active(pre_BM, cand_N[_keep_first(cand_values_N, v, n)])
         i = int(w_at)  # the top n: the top n + 1 but the smallest, back in flat order by a sort
-        kept_S = torch.cat([top.indices[:i], top.indices[i + 1 :]]).double().sort().values.long()
-        cand_S = cand_S.index_select(0, kept_S)
-    return _active(pre_BM, cand_S)
+        kept_N = torch.cat([top.indices[:i], top.indices[i + 1 :]]).double().sort().values.long()
+        cand_N = cand_N.index_select(0, kept_N)
+    return _active(pre_BM, cand_N)
 
 
 def _sample_threshold(flat_N: Tensor, n: int, M: int) -> float:
@@ -117,10 +117,10 @@ def _sample_threshold(flat_N: Tensor, n: int, M: int) -> float:
     stride = max(1, N // SELECT_SAMPLE)
     while math.gcd(stride, M) > 1:  # coprime with m: the sample visits every column, not the same few in each row
         stride += 1
-    sample_S = flat_N[stride // 2 :: stride]
-    expected = len(sample_S) * n / N
-    j = min(len(sample_S), math.ceil(expected + 6 * math.sqrt(expected) + 16))
-    return float(sample_S.topk(j, sorted=False).values.min())
+    sample_N = flat_N[stride // 2 :: stride]
+    expected = len(sample_N) * n / N
+    j = min(len(sample_N), math.ceil(expected + 6 * math.sqrt(expected) + 16))
+    return float(sample_N.topk(j, sorted=False).values.min())
 
 
 def _keep_first(values_N: Tensor, v: Tensor, n: int) -> Tensor:

@@ -87,7 +87,7 @@ def calibrate_run(run_dir: Path, target_l0: float | None = None, cache: str | No
         raise UserError(f"target L0 must be in (0, {sae.m}), got {target}")
     held = heldout_rows(run.cache, run.layer, chunks, sae.gate)
     batch_size = run.cfg["train_config"]["batch_size"]
-    calibration = calibrate_theta(sae, batches(held.rows_ND, batch_size, device), target)
+    calibration = calibrate_theta(sae, batches(held.rows_RD, batch_size, device), target)
     sae.theta.fill_(calibration["theta"])
     heldout = {**run.cfg["heldout"], **evaluate_heldout(sae, held, batch_size, device)}
     training = {key: run.cfg[key] for key in TRAINING_KEYS if key in run.cfg}

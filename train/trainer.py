@@ -189,7 +189,7 @@ def save_complete_run(
         record["theta_source"] = "eq7" if held is None else cfg.theta
         sae.theta.fill_(record["theta_eq7"])
         if record["theta_source"] == "calibrated":
-            rows = batches(held.rows_ND, cfg.batch_size, device)
+            rows = batches(held.rows_RD, cfg.batch_size, device)
             record["theta_calibration"] = calibrate_theta(sae, rows, sae.spec.k)
             sae.theta.fill_(record["theta_calibration"]["theta"])
     if held is not None:
