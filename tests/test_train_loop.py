@@ -171,3 +171,17 @@ def test_median_b_dec_keeps_latents_alive_on_rows_with_a_shared_offset(tmp_path)
         lines = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
         dead[init] = [line["dead_frac"] for line in lines if "dead_frac" in line][-1]
     assert dead["median"] < 0.15 < 0.5 < dead["zeros"], dead  # measured 0.04 and 0.95
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(cache, tmp_path):
+    whole = run_training(small_config(tmp_path / "whole"), cache)
+    cfg = small_config(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, cache, on_batch=killed_at(13))
+    for run_dir in Path(cfg.out).iterdir():
+        with open(run_dir / METRICS, "a") as f:
+            f.write('{"loss": 0.3, "ms')  # an append the kill interrupted
+    resumed = run_training(cfg, cache, resume=True)
+    for a, b in zip(whole, resumed, strict=True):
+        steps = [[json.loads(x)["step"] for x in (p / METRICS).read_text().splitlines()] for p in (a, b)]
+        assert steps[0] == steps[1]

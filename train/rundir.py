@@ -200,8 +200,14 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def metrics_lines(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a last line a kill cut short (appends are not atomic) is dropped."""
     path = run_dir / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        return records + [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        return records
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:
