@@ -29,10 +29,21 @@ def load_results(run_dirs: list[Path]) -> list[dict]:
     return results
 
 
+def prefixes(result: dict) -> list[dict]:
+    """A Matryoshka run's nested prefixes, each as the result of an SAE of its own (name RUN[:width])."""
+    blocks = [block for key, block in result.items() if key.startswith("prefix_")]
+    run = result["run"]
+    return [
+        {**block, "run": {**run, "name": f"{run['name']}[:{block['width']}]", "dict_size": block["width"]}}
+        for block in sorted(blocks, key=lambda block: block["width"])
+    ]
+
+
 def table_rows(results: list[dict]) -> list[dict]:
-    """One flat row per run, sorted by architecture, dictionary size and L0."""
+    """One flat row per run and per Matryoshka prefix, sorted by architecture, dictionary size and L0."""
     rows = []
-    for r in results:
+    nested = [prefix for result in results for prefix in prefixes(result)]
+    for r in [*results, *nested]:
         row = {c: r["run"].get(c) for c in RUN_COLUMNS}
         if sparsity_knob(r["run"]["arch"]) != "k":
             row["k"] = None  # k is not a knob of jumprelu and relu
@@ -106,12 +117,14 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    nested = {r["run"]["name"]: prefixes(r) for r in results}
     metric_vs_l0(
-        results, "nmse", "NMSE  Σ‖x−x̂‖² / Σ‖x‖²  (raw activations)", "Reconstruction error vs sparsity", out / NMSE_PNG
-    )
+        results, "nmse", "NMSE  Σ‖x−x̂‖² / Σ‖x‖²  (raw activations)", "Reconstruction error vs sparsity", out / NMSE_PNG,
+        nested,
+    )  # fmt: skip
     metric_vs_l0(
         results, "ce_degradation", "CE degradation (nats per token)", "LM loss increase when spliced vs sparsity",
-        out / CE_PNG,
+        out / CE_PNG, nested,
     )  # fmt: skip
     l0_distributions(results, out / L0_PNG)
     return out

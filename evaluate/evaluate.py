@@ -134,6 +134,8 @@ class Variant(NamedTuple):
     """Gated rows pass through unchanged and are left out of the reconstruction metrics."""
     theta: float | None = None
     """BatchTopK θ other than the saved one."""
+    width: int | None = None
+    """Only the first `width` latents: a Matryoshka prefix, scored as the SAE it is."""
     lm: bool = True
     """Run the spliced LM pass (CE, KL); False: reconstruction metrics only."""
 
@@ -148,6 +150,8 @@ def _variants(run: Run, sae: SparseAutoencoder, cfg: EvalConfig) -> list[Variant
             variants.append(Variant("theta_eq7", theta=eq7, lm=False))
         if cfg.batch_mode:
             variants.append(Variant("batch_mode", batch_mode=True))
+    for width in sae.arch.widths[:-1]:  # the last prefix is the whole SAE
+        variants.append(Variant(f"prefix_{width}", width=width))
     return variants
 
 
@@ -215,7 +219,7 @@ def _tally_sae(
     x_RD = b.x_BTD.flatten(0, 1).float()
     encode_BT = ~gated_BT if variant.gated else torch.ones_like(gated_BT)
     encode_R = encode_BT.flatten() if variant.gated and not sae.gate.empty else None
-    recon_RD, latents_RM = sae.reconstruct(x_RD, encode_R, variant.batch_mode, variant.theta)
+    recon_RD, latents_RM = sae.reconstruct(x_RD, encode_R, variant.batch_mode, variant.theta, variant.width)
     stats = row_stats(x_RD, recon_RD, latents_RM)
     tally.add_rows("", b.x_BTD, stats, encode_BT)
     tally.add_rows("plain_", b.x_BTD, stats, encode_BT & b.plain_BT)
@@ -261,5 +265,6 @@ def _summarize(
             **{k: full[k] for k in ("n_tokens", "gated_fraction", "l0_distribution", "dead_latents", "dense_latents")},
             **({"theta": variant.theta} if variant.theta is not None else {}),
             **({"batch_rows": rows_per_pass} if variant.batch_mode else {}),
+            **({"width": variant.width} if variant.width is not None else {}),
         }
     return result

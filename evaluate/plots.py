@@ -16,7 +16,10 @@ import numpy as np  # noqa: E402
 
 from sae.train.archs import sparsity_knob  # noqa: E402
 
-ARCH_COLORS = {"batchtopk": "tab:blue", "topk": "tab:orange", "jumprelu": "tab:green", "relu": "tab:red"}
+ARCH_COLORS = {
+    "batchtopk": "tab:blue", "topk": "tab:orange", "jumprelu": "tab:green", "relu": "tab:red",
+    "matryoshka_batchtopk": "tab:purple",
+}  # fmt: skip
 MARKERS = "osD^v<>p*"
 MAX_L0_BINS = 120
 
@@ -69,8 +72,10 @@ def density_histogram(result: dict, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def metric_vs_l0(results: list[dict], key: str, ylabel: str, title: str, path: Path) -> Path:
-    """key against mean L0 with standard-error bars; colour = architecture, marker = dictionary size."""
+def metric_vs_l0(results: list[dict], key: str, ylabel: str, title: str, path: Path,
+                 prefixes: dict[str, list[dict]] | None = None) -> Path:  # fmt: skip
+    """key against mean L0 with standard-error bars; colour = architecture, marker = dictionary size;
+    prefixes: a Matryoshka run's prefixes by run name, drawn as a dotted curve ending at the run."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sizes = sorted({r["run"]["dict_size"] for r in results})
     group = lambda r: (r["run"]["arch"], r["run"]["dict_size"])  # noqa: E731
@@ -82,6 +87,13 @@ def metric_vs_l0(results: list[dict], key: str, ylabel: str, title: str, path: P
             color=ARCH_COLORS.get(arch, "tab:gray"), marker=MARKERS[sizes.index(size) % len(MARKERS)],
             capsize=3, label=f"{arch}, m={size:,}",
         )  # fmt: skip
+    for r in results:
+        curve = [*(prefixes or {}).get(r["run"]["name"], []), r]
+        if len(curve) > 1:
+            ax.plot(
+                [p["l0_mean"] for p in curve], [p[key] for p in curve], linestyle=":", marker=".",
+                color=ARCH_COLORS.get(r["run"]["arch"], "tab:gray"), label=f"{r['run']['name']}: its prefixes",
+            )  # fmt: skip
     ax.set_xlabel("L0: mean active latents per token")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

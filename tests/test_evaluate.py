@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sae.cache.store import open_cache
+from sae.evaluate.compare import compare_runs
 from sae.evaluate.config import EvalConfig
 from sae.evaluate.evaluate import evaluate_runs
 from sae.evaluate.metrics import ratio
@@ -282,3 +283,28 @@ def test_eval_all_then_compare_three_runs(cache_path, tmp_path, monkeypatch, cap
     lines = (tmp_path / "cmp" / "table.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("name,arch,dict_size,k,l0_mean,l0_mean_stderr")
     assert "topk_k8_m64" in (tmp_path / "cmp" / "table.md").read_text()
+
+
+def test_every_matryoshka_prefix_is_scored_as_an_sae_and_compared(cache_path, tmp_path):
+    """A prefix is the SAE of its first `width` latents: its L0 counts only them, its reconstruction
+    decodes only them; `sae compare` gives each a row and draws the run's prefix curve."""
+    sae = SparseAutoencoder(SAESpec("matryoshka_batchtopk", 4, 64, 0.0, 0.0, (16, 32, 64)), D)
+    sae.theta.fill_(0.0)  # every positive pre-activation: about half of each prefix is active
+    run = save_sae(tmp_path / "matryoshka", sae, cache_path)
+    evaluate_runs([run], EvalConfig(**EVAL))
+    result = eval_json(run)
+    loaded = load_model(str(small_path(cache_path)), "float32", "cpu")
+    x_RD = held_out_acts(loaded, result).reshape(-1, D)
+    with torch.no_grad():
+        latents_RM = load_sae(run).encode(x_RD)
+    for width in (16, 32):
+        block = result[f"prefix_{width}"]
+        assert block["width"] == width
+        assert block["l0_mean"] == pytest.approx(float((latents_RM[:, :width] > 0).sum(1).float().mean()), rel=1e-6)
+        recon_RD = latents_RM[:, :width] @ sae.W_dec[:width].detach() + sae.b_dec.detach()
+        nmse = float((recon_RD - x_RD).square().sum() / x_RD.square().sum())
+        assert block["nmse"] == pytest.approx(nmse, rel=1e-4) and "ce_degradation" in block
+    assert result["prefix_16"]["l0_mean"] < result["prefix_32"]["l0_mean"] < result["l0_mean"]
+    compare_runs([run], tmp_path / "cmp")
+    names = [line.split(",")[0] for line in (tmp_path / "cmp" / "table.csv").read_text().splitlines()[1:]]
+    assert sorted(names) == ["matryoshka", "matryoshka[:16]", "matryoshka[:32]"]

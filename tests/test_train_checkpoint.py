@@ -29,7 +29,7 @@ def cache(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("normalize", ["scale", "standardize", "none"])
 def test_saved_saes_act_on_raw_activations_like_the_trained_ones(cache, tmp_path, normalize):
     cfg = TrainConfig(
-        arch=("batchtopk", "topk", "jumprelu", "relu"), k=(4,), dict_size=(96,), batch_size=128, lr=3e-3,
+        arch=("batchtopk", "topk", "jumprelu", "relu", "matryoshka_batchtopk"), k=(4,), dict_size=(96,), batch_size=128, lr=3e-3,
         normalize=normalize, log_every=5, checkpoint_every=10, buffer_chunks=2, out=tmp_path,
     )  # fmt: skip
     run_dirs = run_training(cfg, cache)
@@ -38,7 +38,7 @@ def test_saved_saes_act_on_raw_activations_like_the_trained_ones(cache, tmp_path
     for run_dir, spec in zip(run_dirs, cfg.specs(), strict=True):
         record = json.loads((run_dir / "cfg.json").read_text())
         tensors = load_file(run_dir / WEIGHTS)
-        thresholded = spec.arch in ("batchtopk", "jumprelu")
+        thresholded = spec.arch in ("batchtopk", "jumprelu", "matryoshka_batchtopk")
         assert set(tensors) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if thresholded else set())
         assert tensors["W_enc"].shape == (D, 96) and tensors["W_dec"].shape == (96, D)
         assert record["architecture"] == {"batchtopk": "jumprelu", "topk": "topk"}.get(
@@ -49,7 +49,7 @@ def test_saved_saes_act_on_raw_activations_like_the_trained_ones(cache, tmp_path
         # encode(x) and reconstruction of raw rows as the saved one, whose scale is in its weights
         trained = SparseAutoencoder(spec, D, cfg, normalize=normalize, input_scale=record["input"]["scale"])
         trained.load_state_dict(load_checkpoint(run_dir, record["step"], torch.device("cpu"))["sae"])
-        if spec.arch == "batchtopk":  # the saved θ is chosen after the last checkpoint
+        if spec.arch in ("batchtopk", "matryoshka_batchtopk"):  # the saved θ is chosen after the last checkpoint
             trained.theta.fill_(record["theta"])
         trained.eval()
         loaded = load_sae(run_dir)
@@ -69,7 +69,7 @@ def test_sae_lens_loads_a_run_as_it_is(cache, tmp_path, normalize):
     """Checked with sae-lens 6.54.12; skipped where sae_lens is not installed."""
     sae_lens = pytest.importorskip("sae_lens")
     cfg = TrainConfig(
-        arch=("batchtopk", "topk", "jumprelu", "relu"), k=(4,), dict_size=(96,), batch_size=128,
+        arch=("batchtopk", "topk", "jumprelu", "relu", "matryoshka_batchtopk"), k=(4,), dict_size=(96,), batch_size=128,
         normalize=normalize, out=tmp_path,
     )  # fmt: skip
     for run_dir in run_training(cfg, cache):

@@ -20,6 +20,8 @@ DECODES = ("auto", "sparse", "dense")
 B_DEC_INITS = ("zeros", "median")
 THETAS = ("calibrated", "eq7")
 SWEEP_KEYS = ("arch", "k", "dict_size", "l0_coeff", "l1_coeff")
+"""The grid's axes: a [[sweep]] table crosses each architecture's knob with dict_size."""
+TABLE_KEYS = (*SWEEP_KEYS, "matryoshka_widths")
 
 
 class SAESpec(NamedTuple):
@@ -30,6 +32,8 @@ class SAESpec(NamedTuple):
     dict_size: int
     l0_coeff: float
     l1_coeff: float
+    matryoshka_widths: tuple[int, ...] = ()
+    """matryoshka_batchtopk's prefix widths, as given (empty: its default); () for other architectures."""
 
     @property
     def name(self) -> str:
@@ -51,6 +55,12 @@ class TrainConfig:
     """JumpReLU L0 penalty λ (paper, GPT-2 Small: 0.004 / 0.0018 / 0.0008 for L0 ≈ 16 / 32 / 64)."""
     l1_coeff: tuple[float, ...] = (0.004,)
     """ReLU L1 penalty λ on Σ f_i ‖W_dec_i‖."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """Matryoshka BatchTopK's nested prefix widths, increasing to dict_size; empty: the reference code's
+    prefixes m/16, m/8, m/4, m/2, m."""
+    matryoshka_loss: str = setting("sum", choices=("sum", "mean", "reference"))
+    """How Matryoshka's prefix errors add up: their sum (SAELens), their mean (dictionary_learning), or
+    the mean with b_dec's own error as one more term (the reference code); docs/results.md compares them."""
     sweep: tuple[dict[str, Any], ...] = ()
     """Explicit SAE list ([[sweep]] tables of arch/k/dict_size/l0_coeff/l1_coeff, scalars or lists);
     when given it replaces the arch × k × dict_size grid above."""
@@ -144,7 +154,17 @@ class TrainConfig:
     """W&B project to log to (needs `pip install wandb`); None: no W&B."""
 
     def __post_init__(self) -> None:
-        for name in ("arch", "k", "dict_size", "l0_coeff", "l1_coeff", "betas", "sweep", "snapshots"):
+        for name in (
+            "arch",
+            "k",
+            "dict_size",
+            "l0_coeff",
+            "l1_coeff",
+            "matryoshka_widths",
+            "betas",
+            "sweep",
+            "snapshots",
+        ):
             setattr(self, name, tuple(getattr(self, name)))
         validate(self)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -168,15 +188,17 @@ class TrainConfig:
 
 def _expand(table: dict[str, Any], cfg: TrainConfig) -> list[SAESpec]:
     """One [[sweep]] table (or the [train] grid) as SAESpecs; only the knob of each arch is crossed."""
-    check_keys(table, list(SWEEP_KEYS), "[[sweep]]")
+    check_keys(table, list(TABLE_KEYS), "[[sweep]]")
     axes = {key: _as_tuple(table.get(key, getattr(cfg, key))) for key in SWEEP_KEYS}
+    widths = tuple(table.get("matryoshka_widths", cfg.matryoshka_widths))
     specs = []
     for arch in axes["arch"]:
         check_choice("arch", arch, ARCHS)
         knob = ARCHITECTURES[arch].knob
         for value, dict_size in itertools.product(axes[knob], axes["dict_size"]):
             spec = SAESpec(arch, axes["k"][0], dict_size, axes["l0_coeff"][0], axes["l1_coeff"][0])
-            specs.append(_check_spec(spec._replace(**{knob: value})))
+            spec = spec._replace(**{knob: value}, matryoshka_widths=widths if arch == "matryoshka_batchtopk" else ())
+            specs.append(_check_spec(spec))
     return specs
 
 

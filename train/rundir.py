@@ -94,6 +94,7 @@ def run_cfg(sae: SparseAutoencoder, cache: dict[str, Any], training: dict[str, A
             "dataset_path": spec.get("dataset"),
             # SAELens cannot express the gate: it encodes every row (README, "Run directory").
             "gate": sae.gate.record(),
+            **sae.arch.saelens_metadata(),
         },
         **sae.arch.saelens_fields(),
         "training_architecture": sae.spec.arch,

@@ -80,18 +80,21 @@ class SparseAutoencoder(nn.Module):
         return None if self.gate.empty else ~self.gate.gated(x_BD, tokens_B, positions_B)
 
     def reconstruct(self, x_BD: Tensor, encode_B: Tensor | None = None, batch_mode: bool = False,
-                    theta: float | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+                    theta: float | None = None, width: int | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
         """(reconstruction [B, d] float32, latents [B, m]) of raw rows, as deployed: the rows of encode_B
         (None: all, as SAELens encodes) through the SAE, the others kept as they are with no latent;
-        batch mode selects among the encoded rows only; `theta` replaces BatchTopK's θ."""
+        batch mode selects among the encoded rows only; `theta` replaces BatchTopK's θ; `width`: only
+        the first `width` latents (a Matryoshka prefix, itself an SAE)."""
         if encode_B is not None:
             recon_BD, latents_BM = x_BD.float().clone(), x_BD.new_zeros(len(x_BD), self.m, dtype=torch.float32)
             if encode_B.any():
-                recon_ND, latents_NM = self.reconstruct(x_BD[encode_B], None, batch_mode, theta)
+                recon_ND, latents_NM = self.reconstruct(x_BD[encode_B], None, batch_mode, theta, width)
                 recon_BD[encode_B], latents_BM[encode_B] = recon_ND, latents_NM.float()
             return recon_BD, latents_BM
         x_n, mult, shift = self.normalize(x_BD)
         latents_BM = self.encode_normalized(x_n, batch_mode, theta)
+        if width is not None:
+            latents_BM[:, width:] = 0
         return (self.decode(latents_BM) * mult + shift).float(), latents_BM
 
     # -- the SAE's input space: normalised rows ---------------------------------------------------

@@ -4,10 +4,13 @@ and a line here."""
 from sae.train.archs.base import Architecture, SAEOutput
 from sae.train.archs.batchtopk import BatchTopK
 from sae.train.archs.jumprelu import JumpReLU
+from sae.train.archs.matryoshka_batchtopk import MatryoshkaBatchTopK
 from sae.train.archs.relu import ReLU
 from sae.train.archs.topk import TopK
 
-ARCHITECTURES: dict[str, type[Architecture]] = {arch.name: arch for arch in (BatchTopK, TopK, JumpReLU, ReLU)}
+ARCHITECTURES: dict[str, type[Architecture]] = {
+    arch.name: arch for arch in (BatchTopK, TopK, JumpReLU, ReLU, MatryoshkaBatchTopK)
+}
 
 __all__ = ["ARCHITECTURES", "Architecture", "SAEOutput", "sparsity_knob"]
 

@@ -38,7 +38,7 @@ class SAEOutput(NamedTuple):
     aux: Tensor
     """α · AuxK loss (the (batch)topk family) while some latent is dead, else 0."""
     loss: Tensor
-    """mse + sparsity + aux: what is minimised."""
+    """What is minimised: mse + sparsity + aux (Matryoshka: every prefix's error in place of mse)."""
 
 
 class Architecture:
@@ -54,6 +54,8 @@ class Architecture:
     """A scalar inference θ: estimated over training batches (eq. 7) and calibrated on held-out rows."""
     aux_k: int = 0
     """AuxK's widest top-k over dead latents; 0: no AuxK."""
+    widths: tuple[int, ...] = ()
+    """Nested prefix widths, each prefix an SAE of its own that evaluation scores too (Matryoshka)."""
 
     def __init__(self, spec: "SAESpec", cfg: "TrainConfig"):
         self.spec = spec
@@ -84,4 +86,8 @@ class Architecture:
 
     def saelens_fields(self) -> dict[str, Any]:
         """cfg.json fields SAELens needs for this architecture beyond the common ones."""
+        return {}
+
+    def saelens_metadata(self) -> dict[str, Any]:
+        """What cfg.json's metadata records of this architecture beyond its spec (e.g. resolved widths)."""
         return {}
