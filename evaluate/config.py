@@ -38,6 +38,14 @@ class EvalConfig:
     batch_mode: bool = False
     """Also evaluate BatchTopK runs in batch mode (top B·k over each forward pass's rows), beside the
     headline θ mode (the saved per-latent threshold, batch-independent)."""
+    absorption: bool = False
+    """Also measure first-letter feature absorption (Chanin et al.; SAEBench's measure; docs/evaluation.md):
+    probes on the LM at each SAE's site, each SAE's main latents, absorption fraction and full absorption."""
+    absorption_words: int = setting(4000, positive=True)
+    """Alphabetic tokens sampled for the absorption probes (80% train them, 20% score); SAEBench takes
+    the whole vocabulary."""
+    absorption_seed: int = 0
+    """Seed of the absorption words, their in-context examples and the probes."""
     dense_threshold: float = 0.1
     """A latent active on more than this fraction of evaluation tokens counts as dense."""
     cache: str | None = None

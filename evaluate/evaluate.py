@@ -20,6 +20,7 @@ from sae.cache.store import Cache
 from sae.config import to_jsonable
 from sae.device import resolve_device
 from sae.errors import UserError
+from sae.evaluate.absorption import probe_data, sae_absorption
 from sae.evaluate.config import EvalConfig
 from sae.evaluate.heldout import eval_plan, heldout_tokens
 from sae.evaluate.metrics import (
@@ -93,6 +94,10 @@ def _evaluate_group(runs: list[Run], loaded: LoadedModel, cfg: EvalConfig, devic
     saes = [load_sae(run.path, device, eval_gate) for run in runs]
     variants = [_variants(run, sae, cfg) for run, sae in zip(runs, saes, strict=True)]
     results = evaluate_saes(loaded, cache, layer, saes, variants, tokens_CT, cfg, device)
+    if cfg.absorption:
+        data = probe_data(loaded, cache.spec["site"], layer, cfg.absorption_words, cfg.absorption_seed)
+        for sae, result in zip(saes, results, strict=True):
+            result["absorption"] = sae_absorption(sae, data, cfg.absorption_seed)
     for sae, result in zip(saes, results, strict=True):
         result["gate"] = sae.gate.record()
     base = {"config": to_jsonable(cfg), "eval_spec": plan, "versions": library_versions()}
