@@ -74,6 +74,10 @@ def test_sae_lens_loads_a_run_as_it_is(cache, tmp_path, normalize):
     )  # fmt: skip
     for run_dir in run_training(cfg, cache):
         theirs = sae_lens.SAE.load_from_disk(str(run_dir))
+        # read as a SAELens 6 config: its metadata kept, not dropped as a pre-6.0 one's would be
+        spec = open_cache(cache).spec
+        assert theirs.cfg.metadata.hook_name == "blocks.0.hook_resid_pre"
+        assert theirs.cfg.metadata.model_name == spec["model"] and theirs.cfg.metadata.context_size == spec["ctx_len"]
         ours = load_sae(run_dir)
         x_BD = torch.randn(64, D) * 5 + 1
         with torch.no_grad():

@@ -35,6 +35,9 @@ from sae.train.sae import SparseAutoencoder
 WEIGHTS, CFG, METRICS, EVAL = "sae_weights.safetensors", "cfg.json", "metrics.jsonl", "eval.json"
 SNAPSHOTS, INSPECT = "snapshots", "inspect"
 PARTIAL = ".tmp"  # .<name>.tmp<pid>: a file being written; one a killed writer left is removed on resume
+SAELENS_FORMAT = "6.0.0"
+"""metadata.sae_lens_version: the SAELens cfg.json layout we write. SAELens reads a config without one as
+pre-6.0 and drops its nested metadata (hook_name, model_name, context_size)."""
 TRAINING_KEYS = (
     "step", "tokens", "epochs", "input", "train_config", "versions",
     "theta_eq7", "theta_source", "theta_calibration", "heldout",
@@ -86,6 +89,7 @@ def run_cfg(sae: SparseAutoencoder, cache: dict[str, Any], training: dict[str, A
         "normalize_activations": "layer_norm" if sae.input_norm == "standardize" else "none",
         "reshape_activations": "none",
         "metadata": {
+            "sae_lens_version": SAELENS_FORMAT,
             "model_name": spec.get("model"),
             "hook_name": f"blocks.{cache['layer']}.hook_{spec.get('site', 'resid_pre')}",
             "hook_head_index": None,
