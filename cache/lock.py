@@ -98,3 +98,10 @@ def unlock(where: "str | Path | Location") -> None:
     if state == "live":
         raise UserError(_problem(location, state, holder))
     location.delete(LOCK_NAME)
+
+
+def writer_state(where: "str | Path | Location") -> str:
+    """Whether a harvest is writing the cache: "live" (its writer holds the lock), "gone" (no lock, or
+    a stale one of this host) or "unknown" (another host's lock, whose writer cannot be checked)."""
+    state = _state(as_location(where))[0]
+    return {"live": "live", "free": "gone", "stale here": "gone"}.get(state, "unknown")

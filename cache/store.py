@@ -88,7 +88,7 @@ def is_cache(where: "str | Path | Location") -> bool:
 
 @dataclass
 class Cache:
-    """A read-only view of the rows committed when it was opened."""
+    """A read-only view of the rows committed when it was opened (or last refreshed)."""
 
     location: Location
     meta: dict[str, Any]
@@ -125,7 +125,23 @@ class Cache:
 
     @property
     def n_contexts(self) -> int:
+        """Contexts committed."""
         return self.meta["n_contexts"]
+
+    @property
+    def target_contexts(self) -> int:
+        """Contexts the cache will hold once its harvest ends (what the harvest reserved)."""
+        return self.meta.get("target_contexts", self.n_contexts)
+
+    @property
+    def complete(self) -> bool:
+        """Every context its harvest set out to write is committed."""
+        return self.n_contexts >= self.target_contexts
+
+    def refresh(self) -> None:
+        """See what a harvest still writing the cache has committed since it was opened."""
+        group = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
+        self.group, self.meta = group, group.attrs[META_KEY]
 
     @property
     def rows(self) -> int:
@@ -141,11 +157,22 @@ class Cache:
 
     @property
     def n_chunks(self) -> int:
+        """Chunks committed (the last may be partial)."""
         return -(-self.n_contexts // self.chunk_contexts)
 
+    @property
+    def target_chunks(self) -> int:
+        """Chunks the cache will hold once its harvest ends."""
+        return -(-self.target_contexts // self.chunk_contexts)
+
     def contexts_in_chunk(self, chunk_index: int) -> int:
-        assert 0 <= chunk_index < self.n_chunks, f"chunk {chunk_index} not in [0, {self.n_chunks})"
-        return min(self.chunk_contexts, self.n_contexts - chunk_index * self.chunk_contexts)
+        """Contexts the chunk holds, or will once committed (a harvest commits whole chunks, and a
+        partial one only as its last)."""
+        assert 0 <= chunk_index < self.target_chunks, f"chunk {chunk_index} not in [0, {self.target_chunks})"
+        return min(self.chunk_contexts, self.target_contexts - chunk_index * self.chunk_contexts)
+
+    def is_committed(self, chunk_index: int) -> bool:
+        return self.n_contexts >= (chunk_index * self.chunk_contexts + self.contexts_in_chunk(chunk_index))
 
     def _read(self, array_name: str, chunk_index: int, start: int, stop: int) -> np.ndarray:
         key = chunk_key(array_name, chunk_index)
@@ -277,7 +304,8 @@ class CacheWriter:
         return self.meta["resume"]
 
     def reserve(self, n_contexts: int) -> None:
-        """Grow the arrays to hold n_contexts (metadata only: no chunk is written)."""
+        """Grow the arrays to hold n_contexts, the harvest's target that followers plan by (metadata
+        only: no chunk is written)."""
         chunk_contexts, ctx_len = self.meta["storage"]["chunk_contexts"], self.meta["spec"]["ctx_len"]
         n_chunks = -(-n_contexts // chunk_contexts)
         self.group["tokens"].resize((n_contexts, ctx_len))
@@ -287,6 +315,9 @@ class CacheWriter:
                 self.group[scales_name(layer)].resize((n_contexts * ctx_len,))
             stats = self.group[f"chunk_stats/{layer}"]
             stats.resize((n_chunks, stats.shape[1]))
+        with self._storage_errors("the target"):
+            self.meta = {**self.meta, "target_contexts": n_contexts}
+            self.group.attrs[META_KEY] = self.meta
 
     def dim_scales(self) -> dict[int, torch.Tensor] | None:
         """s_dim per layer where the storage dtype needs one (int8), once set; else None."""

@@ -14,7 +14,7 @@ from sae.errors import UserError
 from sae.train.archs import ARCHITECTURES
 
 ARCHS = tuple(ARCHITECTURES)
-NORMALIZATIONS = ("none", "standardize", "scale")
+NORMALIZATIONS = ("none", "standardize", "scale", "constant_norm_rescale")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DECODES = ("auto", "sparse", "dense")
 B_DEC_INITS = ("zeros", "median")
@@ -68,6 +68,12 @@ class TrainConfig:
     """Cache path or URL to train on; None: the cache of pipeline.toml's [harvest] spec."""
     layer: int | None = None
     """Cache layer to train on; None: the cache's only layer."""
+    follow: bool = False
+    """Train from a cache that a harvest is still writing (another process, torchrun, s3), reading each
+    chunk once it is committed. The first pass takes blocks of chunks in harvest order, the first chunk(s)
+    are held out and the input set-up samples the first chunks: the same run whenever the harvest ends."""
+    follow_timeout: float = setting(600.0, positive=True)
+    """Seconds --follow waits for a harvest to create the cache before giving up."""
     tokens: int | None = setting(None, positive=True)
     """Training tokens per SAE, at most `epochs` passes' worth; None: all of them (paper: 1e9, one pass)."""
     epochs: float = setting(1.0, positive=True)

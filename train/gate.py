@@ -95,12 +95,15 @@ def sample_chunks(cache: Cache, chunks: list[int]) -> list[int]:
     return [chunks[i] for i in sorted(set(picks.tolist()))]
 
 
-def build_gate(cache: Cache, layer: int, bos: bool, first: bool, norm_ratio: float | None) -> Gate:
-    """A gate over this cache's rows; the norm gate's median comes from a sample of the cache."""
+def build_gate(cache: Cache, layer: int, bos: bool, first: bool, norm_ratio: float | None,
+               chunks: list[int] | None = None) -> Gate:  # fmt: skip
+    """A gate over this cache's rows; the norm gate's median comes from a sample of `chunks` (default:
+    every committed chunk)."""
     median_norm = None
     norm_ratio = norm_ratio or None  # 0: no norm gate
     if norm_ratio is not None:
-        norms = [cache.read_acts(layer, c).float().norm(dim=1) for c in sample_chunks(cache, range(cache.n_chunks))]
+        chunks = range(cache.n_chunks) if chunks is None else chunks
+        norms = [cache.read_acts(layer, c).float().norm(dim=1) for c in sample_chunks(cache, chunks)]
         median_norm = float(torch.cat(norms).median())
     return Gate(cache.spec["bos_token_id"] if bos else None, first, norm_ratio, median_norm)
 

@@ -10,12 +10,15 @@ from sae.train.gate import Gate, kept_rows
 from sae.train.sae import SparseAutoencoder
 
 
-def holdout_chunks(cache: Cache, n_full: int) -> list[int]:
-    """The last n_full full chunks, plus a partial last chunk if any: alone it may be a handful of rows."""
+def holdout_chunks(cache: Cache, n_full: int, first: bool = False) -> list[int]:
+    """The last n_full full chunks, plus a partial last chunk if any: alone it may be a handful of rows;
+    or (first: following a harvest, which writes them before the rest) the first n_full chunks."""
     if n_full == 0:
         return []
-    full_chunks = cache.n_contexts // cache.chunk_contexts
-    return list(range(max(full_chunks - n_full, 0), cache.n_chunks))
+    full_chunks = cache.target_contexts // cache.chunk_contexts
+    if first:
+        return list(range(min(n_full, cache.target_chunks)))
+    return list(range(max(full_chunks - n_full, 0), cache.target_chunks))
 
 
 class HeldOut(NamedTuple):

@@ -8,7 +8,7 @@ import torch
 
 from sae.cache.store import Cache
 from sae.train.config import TrainConfig
-from sae.train.gate import Gate, build_gate, sample_kept_rows
+from sae.train.gate import NORM_SAMPLE_CHUNKS, Gate, build_gate, sample_kept_rows
 from sae.train.sae import normalize_input
 
 
@@ -26,9 +26,14 @@ class InputSetup(NamedTuple):
 
 
 def input_setup(cfg: TrainConfig, cache: Cache, layer: int, train_chunks: list[int]) -> InputSetup:
-    gate = build_gate(cache, layer, cfg.gate_bos, cfg.gate_first, cfg.gate_norm)
+    """From a sample of the training chunks spread over the cache (and the cache's exact statistics where
+    no gate removes rows); following a harvest, from its first chunks alone, whatever else is committed,
+    so that the run does not depend on how far the harvest had got."""
+    sampled = train_chunks[:NORM_SAMPLE_CHUNKS] if cfg.follow else None
+    gate = build_gate(cache, layer, cfg.gate_bos, cfg.gate_first, cfg.gate_norm, sampled)
+    train_chunks = sampled or train_chunks
     sample_RD = None
-    if gate.empty:  # the cache's exact statistics
+    if gate.empty and not cfg.follow:  # the cache's exact statistics
         mean_norm, gated_fraction = cache.stats(layer)["mean_norm"], 0.0
     else:
         sample_RD, gated_fraction = sample_kept_rows(cache, layer, train_chunks, gate)

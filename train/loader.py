@@ -1,7 +1,9 @@
 """Shuffled training batches from the activation cache.
 
 An epoch visits the training chunks in a seeded random order (rank r of a world of W takes every
-W-th), `buffer_chunks` at a time: a block. Background threads decode the next block's chunks while
+W-th), `buffer_chunks` at a time: a block. Following a harvest (--follow), the first pass takes them in
+harvest order instead, so that a block can start as soon as its chunks are committed; reads of chunks
+not committed yet wait for them (sae.cache.follow). Background threads decode the next block's chunks while
 the current one is served; a block's kept rows are drawn in a seeded random permutation, batch by
 batch. A position (epoch, block, batch) fixes everything that follows, so it is the whole resume
 state. A block's last rows that do not fill a batch are skipped (< 1 batch per block).
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from sae.cache.codecs import StoredRows, decode_rows
+from sae.cache.follow import Follower
 from sae.cache.store import Cache
 from sae.errors import UserError
 from sae.train.gate import Gate, kept_rows
@@ -27,13 +30,15 @@ class Loader:
     def __init__(self, cache: Cache, layer: int, chunks: list[int], batch_size: int, seed: int,
                  gate: Gate = Gate(), buffer_chunks: int = 32, threads: int = 4,
                  device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
-                 position: dict | None = None):  # fmt: skip
+                 position: dict | None = None, harvest_order: bool = False,
+                 follower: Follower | None = None):  # fmt: skip
         per_rank = len(chunks) // world  # equal shares keep ranks in step
         if per_rank == 0:
             raise UserError(f"{len(chunks)} training chunks cannot be shared by {world} ranks; harvest more")
         self.cache, self.layer, self.chunks, self.batch_size = cache, layer, sorted(chunks), batch_size
         self.seed, self.gate, self.buffer_chunks = seed, gate, buffer_chunks
         self.rank, self.world, self.per_rank, self.device = rank, world, per_rank, device
+        self.harvest_order, self.follower = harvest_order, follower
         self.position = dict(position or {"epoch": 0, "block": 0, "batch": 0})
         self.reads = 0  # chunks read, for the one-read-per-batch test and the benchmark
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sae-chunk")
@@ -43,7 +48,10 @@ class Loader:
         self._dim_scale = cache.dim_scale(layer, device)  # int8 rows decode on the device: kept there
 
     def block_chunks(self, epoch: int, block: int) -> list[int]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
+        if self.harvest_order and epoch == 0:
+            order = np.asarray(self.chunks)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
         share = order[self.rank : self.per_rank * self.world : self.world]
         return share[block * self.buffer_chunks : (block + 1) * self.buffer_chunks].tolist()
 
@@ -62,9 +70,13 @@ class Loader:
             epoch, block, futures = nxt_epoch, nxt_block, nxt_futures
 
     def _submit(self, epoch: int, block: int) -> list:
-        args = (self.cache, self.layer)
         decode = self.device.type != "cuda"
-        return [self._pool.submit(kept_rows, *args, c, self.gate, decode) for c in self.block_chunks(epoch, block)]
+        return [self._pool.submit(self._read, c, decode) for c in self.block_chunks(epoch, block)]
+
+    def _read(self, chunk: int, decode: bool) -> StoredRows:
+        if self.follower is not None and not self.follower.wait_for([chunk]):
+            return StoredRows(None, None)  # closed while waiting: nothing will use it
+        return kept_rows(self.cache, self.layer, chunk, self.gate, decode)
 
     def _produce(self) -> None:
         """Producer thread: gathers batches (into pinned memory on CUDA) and queues them in order."""
@@ -119,6 +131,8 @@ class Loader:
 
     def close(self) -> None:
         self._stop.set()
+        if self.follower is not None:
+            self.follower.stop.set()
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)

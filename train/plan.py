@@ -4,10 +4,12 @@ what the SAEs see of the rows (train.inputs), its steps and snapshots, and its r
 from pathlib import Path
 from typing import NamedTuple
 
+from sae.cache.follow import Follower
 from sae.cache.store import Cache
 from sae.errors import UserError
 from sae.train.archs import ARCHITECTURES
 from sae.train.config import SAESpec, TrainConfig
+from sae.train.gate import NORM_SAMPLE_CHUNKS
 from sae.train.holdout import holdout_chunks
 from sae.train.inputs import InputSetup, input_setup
 
@@ -29,13 +31,16 @@ class Plan(NamedTuple):
     snapshot_steps: set[int]
 
 
-def plan_training(cfg: TrainConfig, cache: Cache, world: int) -> Plan:
+def plan_training(cfg: TrainConfig, cache: Cache, world: int, follower: Follower | None = None) -> Plan:
+    """follower: the cache's harvest is still writing it; wait for the chunks the plan reads."""
     layer = pick_layer(cfg, cache)
     specs = cfg.specs()
-    held_chunks = holdout_chunks(cache, cfg.holdout_chunks)
-    train_chunks = [c for c in range(cache.n_chunks) if c not in held_chunks]
+    held_chunks = holdout_chunks(cache, cfg.holdout_chunks, first=cfg.follow)
+    train_chunks = [c for c in range(cache.target_chunks) if c not in held_chunks]
     if not train_chunks:
-        raise UserError(f"cache {cache.path} has {cache.n_chunks} chunk(s), all held out; lower --holdout-chunks")
+        raise UserError(f"cache {cache.path} has {cache.target_chunks} chunk(s), all held out; lower --holdout-chunks")
+    if follower is not None:  # what the input set-up samples, and the held-out rows, come first
+        follower.wait_for(held_chunks + train_chunks[:NORM_SAMPLE_CHUNKS])
     if cfg.theta == "calibrated" and not held_chunks and any(ARCHITECTURES[s.arch].calibrated_theta for s in specs):
         raise UserError("calibrating BatchTopK's θ needs held-out rows: set --holdout-chunks 1 or more, or --theta eq7")
     setup = input_setup(cfg, cache, layer, train_chunks)
@@ -63,7 +68,7 @@ def training_steps(
 ) -> tuple[int, int]:
     """(steps of cfg.batch_size rows per rank, rows in a pass): cfg.tokens, else cfg.epochs passes over
     the ungated training rows (their count estimated from the gate's sample)."""
-    train_rows = sum(cache.contexts_in_chunk(c) for c in train_chunks) * cache.ctx_len
+    train_rows = sum(cache.contexts_in_chunk(c) for c in train_chunks) * cache.ctx_len  # at the harvest's end
     pass_rows = round(train_rows * (1 - gated_fraction))
     available = int(cfg.epochs * pass_rows)
     tokens = cfg.tokens or available

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sae.cache.follow import Follower, wait_for_cache
 from sae.cache.store import Cache, open_cache
 from sae.config import to_jsonable
 from sae.device import resolve_device
 from sae.errors import UserError
-from sae.progress import make_progress
+from sae.progress import console, make_progress
 from sae.train import rundir
 from sae.train.config import TrainConfig
 from sae.train.holdout import HeldOut, batches, evaluate_heldout, heldout_rows
@@ -39,13 +40,20 @@ def run_training(cfg: TrainConfig, cache: "str | Path | Cache", resume: bool = F
     world, rank = start_ranks(cfg)
     device = resolve_device(cfg.device)
     configure_backend(device, cfg.precision)
-    plan = plan_training(cfg, cache if isinstance(cache, Cache) else open_cache(cache), world)
+    follower = None
+    if not isinstance(cache, Cache):
+        cache = wait_for_cache(str(cache), cfg.follow_timeout) if cfg.follow else open_cache(cache)
+    if cfg.follow and cache.complete:
+        console.print(f"cache {cache.path} is complete: nothing to wait for (--follow keeps its order of chunks)")
+    elif cfg.follow:
+        follower = Follower(cache)
+    plan = plan_training(cfg, cache, world, follower)
     state = TrainState(cfg, plan.specs, plan.cache.d_model, plan.setup, plan.steps, device)
     if not start_or_resume(state, plan, resume, rank, device):
         return plan.run_dirs
     loader = Loader(
         plan.cache, plan.layer, plan.train_chunks, cfg.batch_size, cfg.seed, plan.setup.gate, cfg.buffer_chunks,
-        cfg.loader_threads, device, rank, world, state.position,
+        cfg.loader_threads, device, rank, world, state.position, harvest_order=cfg.follow, follower=follower,
     )  # fmt: skip
     held = (
         heldout_rows(plan.cache, plan.layer, plan.held_chunks, plan.setup.gate)

@@ -1,0 +1,79 @@
+"""Reading a cache that a harvest is still writing (another process, torchrun ranks, an object store, or
+a harvest thread filling an in-memory window): a reader waits until the chunks it needs are committed,
+re-reading the committed count, and says so while it waits. Readers see only committed chunks, so what
+they read is what stays (the commit protocol, sae.cache.store)."""
+
+import threading
+import time
+from collections.abc import Iterable
+
+from sae.cache.lock import writer_state
+from sae.cache.store import Cache, is_cache, open_cache
+from sae.errors import UserError
+from sae.progress import console
+
+POLL_S = 1.0
+"""Seconds between looks at the committed count while waiting."""
+STOPPED_AFTER_S = 30.0
+"""Seconds without a writer before a waiting reader says which harvest to resume."""
+
+
+def wait_for_cache(where: str, timeout_s: float) -> Cache:
+    """The cache at `where`, waiting up to timeout_s for a harvest to create it."""
+    deadline, said = time.monotonic() + timeout_s, False
+    while not is_cache(where):
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"{where} did not become an activation cache within {timeout_s:g} s; start its `sae harvest` "
+                "(or check the path), or raise --follow-timeout"
+            )
+        if not said:
+            console.print(f"waiting for a harvest to create the cache {where}")
+            said = True
+        time.sleep(POLL_S)
+    return open_cache(where)
+
+
+class Follower:
+    """Waits, on behalf of every reader thread of one cache, until chunks are committed."""
+
+    def __init__(self, cache: Cache, stop: threading.Event | None = None):
+        self.cache, self.stop = cache, stop or threading.Event()
+        self._lock = threading.Lock()
+        self._waiting_since: float | None = None
+        self._said_stopped = False
+
+    def wait_for(self, chunks: Iterable[int]) -> bool:
+        """Block until every chunk is committed; False if stopped first."""
+        last = max(chunks)
+        while not self.cache.is_committed(last):
+            if self.stop.is_set():
+                return False
+            with self._lock:  # one reader refreshes and speaks for all
+                self._look(last)
+            time.sleep(POLL_S)
+        return True
+
+    def _look(self, chunk: int) -> None:
+        cache = self.cache
+        cache.refresh()
+        if cache.is_committed(chunk):
+            self._waiting_since, self._said_stopped = None, False
+            return
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+            console.print(
+                f"waiting for the harvest: {cache.n_contexts:,} of {cache.target_contexts:,} contexts of "
+                f"{cache.path} committed, chunk {chunk} needed"
+            )
+        elif (
+            not self._said_stopped
+            and now - self._waiting_since > STOPPED_AFTER_S
+            and writer_state(cache.location) == "gone"
+        ):
+            self._said_stopped = True
+            console.print(
+                f"the harvest writing {cache.path} has stopped at {cache.n_contexts:,} of {cache.target_contexts:,} "
+                "contexts: run the same `sae harvest` command again to resume it; training goes on when it does"
+            )
