@@ -1,4 +1,5 @@
-"""`sae compare`: evaluated runs side by side, a table (markdown + CSV) and the paper's Figure 1 plots."""
+"""`sae compare`: evaluated runs side by side, a table (markdown + CSV) and the paper's Figure 1 plots.
+Ours and other libraries' SAEs mix: eval.json holds what the table needs, whatever made the SAE."""
 
 import csv
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 from sae.errors import UserError
 from sae.evaluate.plots import l0_distributions, metric_vs_l0
 from sae.train.archs import sparsity_knob
+from sae.train.formats import saelens
 from sae.train.rundir import EVAL
 
 TABLE_MD, TABLE_CSV = "table.md", "table.csv"
@@ -20,8 +22,11 @@ COUNT_COLUMNS = ("gated_fraction", "dead_latents", "dense_latents", "n_tokens")
 
 
 def load_results(run_dirs: list[Path]) -> list[dict]:
+    """Each run's eval.json: ours or another library's SAE (saelens:RELEASE/SAE_ID: where `sae eval` saved it)."""
     results = []
     for run_dir in run_dirs:
+        if str(run_dir).startswith(saelens.PREFIX):
+            run_dir = saelens.local_dir(str(run_dir))
         path = Path(run_dir) / EVAL
         if not path.is_file():
             raise UserError(f"run {run_dir} has no {EVAL}; evaluate it first with `sae eval {run_dir}`")

@@ -4,17 +4,20 @@ from dataclasses import dataclass
 
 from sae.config import check_gate_norm, setting, validate
 from sae.errors import UserError
+from sae.harvest.model import SITES
 
 
 @dataclass
 class EvalConfig:
     tokens: int = setting(16_384, positive=True)
-    """Evaluation tokens (whole contexts: rounded down to a multiple of the cache's ctx_len)."""
+    """Evaluation tokens (whole contexts: rounded down to a multiple of the cache's ctx_len, or of an
+    imported SAE's context size where it has no cache)."""
     batch_size: int = setting(16, positive=True)
     """Contexts per forward pass. Each pass holds a few [batch, ctx_len, vocab] float32 logit tensors."""
     dataset: str | None = None
     """None: the run's harvest dataset, from the first document the harvest did not read (held out).
-    Otherwise any dataset `sae harvest --dataset` accepts; it must not overlap the training cache."""
+    Otherwise any dataset `sae harvest --dataset` accepts; it must not overlap the training cache.
+    An imported SAE without a cache: None is the dataset its files name, else openwebtext-sample."""
     dataset_config: str | None = None
     """Hub dataset configuration; None: the cache's when the dataset is the cache's, else none."""
     dataset_split: str | None = setting(None, aliases=("--split",))
@@ -49,8 +52,17 @@ class EvalConfig:
     dense_threshold: float = 0.1
     """A latent active on more than this fraction of evaluation tokens counts as dense."""
     cache: str | None = None
-    """The training cache (a path or URL); None: the one recorded in the run's cfg.json. Give it if
-    the cache moved."""
+    """The training cache (a path or URL), or a folder of caches holding it; None: the one recorded in
+    the run's cfg.json. Give it if the cache moved. For another library's SAE: a cache of its model's
+    residual stream at its site, or a folder to look in; None: the cache root ($SAE_CACHE_DIR, else
+    ./caches)."""
+    model: str | None = None
+    """The model of another library's SAE (HF hub id, local model directory or `smollm2-135m`); None:
+    the one its files name. Our runs are always evaluated on their cache's."""
+    site: str | None = setting(None, choices=SITES)
+    """The site of another library's SAE (resid_pre or resid_post); None: the one its files name."""
+    layer: int | None = setting(None, at_least=0)
+    """The layer of another library's SAE; None: the one its files name."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1, ..."""
 

@@ -12,17 +12,13 @@ import itertools
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from sae.cache.convert import require_stream
-from sae.cache.store import Cache
 from sae.config import to_jsonable
 from sae.device import resolve_device
 from sae.errors import UserError
 from sae.evaluate.absorption import probe_data, sae_absorption
 from sae.evaluate.config import EvalConfig
-from sae.evaluate.heldout import eval_plan, heldout_tokens
 from sae.evaluate.metrics import (
     RECON_KEYS,
     Tally,
@@ -36,26 +32,28 @@ from sae.evaluate.metrics import (
     token_kl,
 )
 from sae.evaluate.report import write_outputs
+from sae.evaluate.sources import EvalData, eval_data, group_key
 from sae.evaluate.splice import Splicer
 from sae.harvest.model import LoadedModel, check_site, load_model
 from sae.progress import make_progress
-from sae.train.gate import build_gate
 from sae.train.rundir import Run, load_sae, read_run
 from sae.train.sae import SparseAutoencoder
 from sae.versions import library_versions
 
 
 def evaluate_runs(run_dirs: list[Path], cfg: EvalConfig) -> list[Path]:
-    """Evaluate every run; returns the paths of the eval.json files written."""
-    runs = [read_run(d, cfg.cache) for d in run_dirs]
+    """Evaluate every run, ours or another library's SAE (train.formats); returns the paths of the
+    eval.json files written."""
+    runs = [read_run(d, cfg.cache, cfg.model, cfg.site, cfg.layer) for d in run_dirs]
     device = resolve_device(cfg.device)
     written = []
     for (model_id, dtype), model_runs in _groups(runs, lambda r: r.model_key):
         try:
             loaded = load_model(model_id, dtype, str(device))
         except UserError as e:
-            raise UserError(f"run {model_runs[0].path}: {e}") from None
-        for _, group in _groups(model_runs, lambda r: (str(r.cache.path), r.layer)):
+            named = " (named by its files: pass --model)" if model_runs[0].imported and not cfg.model else ""
+            raise UserError(f"run {model_runs[0].path}: {e}{named}") from None
+        for _, group in _groups(model_runs, group_key):
             written += _evaluate_group(group, loaded, cfg, device)
     return written
 
@@ -65,8 +63,18 @@ def _groups(runs: list[Run], key) -> list[tuple[tuple, list[Run]]]:
 
 
 def _check_model(run: Run, loaded: LoadedModel) -> None:
-    spec = run.cache.spec
-    check_site(spec["site"], [run.layer], loaded.n_layers)
+    spec = run.spec
+    try:
+        check_site(spec["site"], [run.layer], loaded.n_layers)
+    except UserError as e:
+        raise UserError(f"run {run.path}: {e}") from None
+    if run.cfg["d_in"] != loaded.d_model:
+        raise UserError(
+            f"run {run.path}: the SAE has d_in={run.cfg['d_in']} but {spec['model']} {spec['site']} layer "
+            f"{run.layer} has d_model={loaded.d_model}; evaluate it on the model and site it was trained on"
+        )
+    if run.cache is None:  # an imported SAE evaluated on text: no cache to agree with
+        return
     if spec["model_revision"].startswith("sha256:") and loaded.revision != spec["model_revision"]:
         raise UserError(
             f"run {run.path}: model '{spec['model']}' has changed since the harvest (weights {loaded.revision}, "
@@ -76,40 +84,33 @@ def _check_model(run: Run, loaded: LoadedModel) -> None:
         raise UserError(
             f"run {run.path}: the tokenizer's BOS {loaded.bos_token_id} is not the cache's {spec['bos_token_id']}"
         )
-    if run.cfg["d_in"] != loaded.d_model:
-        raise UserError(
-            f"run {run.path}: the SAE has d_in={run.cfg['d_in']} but {spec['model']} {spec['site']} layer "
-            f"{run.layer} has d_model={loaded.d_model}; evaluate it on the model and site it was trained on"
-        )
 
 
 def _evaluate_group(runs: list[Run], loaded: LoadedModel, cfg: EvalConfig, device: torch.device) -> list[Path]:
-    cache, layer = runs[0].cache, runs[0].layer
     for run in runs:
         _check_model(run, loaded)
-    plan, source = eval_plan(cfg, cache.spec, require_stream(cache.meta["stream_end"], cache.path), str(cache.path))
-    tokens_CT, plan = heldout_tokens(plan, source, loaded.tokenizer)
-    plan["model_revision"] = loaded.revision
-    eval_gate = build_gate(cache, layer, cfg.gate_bos, cfg.gate_first, cfg.gate_norm)
-    saes = [load_sae(run.path, device, eval_gate) for run in runs]
+    data = eval_data(runs[0], loaded, cfg, device)
+    saes = [load_sae(run, device, data.gate) for run in runs]
     variants = [_variants(run, sae, cfg) for run, sae in zip(runs, saes, strict=True)]
-    results = evaluate_saes(loaded, cache, layer, saes, variants, tokens_CT, cfg, device)
+    results = evaluate_saes(loaded, data, saes, variants, cfg, device)
     if cfg.absorption:
-        data = probe_data(loaded, cache.spec["site"], layer, cfg.absorption_words, cfg.absorption_seed)
+        probes = probe_data(loaded, data.site, data.layer, cfg.absorption_words, cfg.absorption_seed)
         for sae, result in zip(saes, results, strict=True):
-            result["absorption"] = sae_absorption(sae, data, cfg.absorption_seed)
+            result["absorption"] = sae_absorption(sae, probes, cfg.absorption_seed)
     for sae, result in zip(saes, results, strict=True):
         result["gate"] = sae.gate.record()
-    base = {"config": to_jsonable(cfg), "eval_spec": plan, "versions": library_versions()}
+    base = {"config": to_jsonable(cfg), "eval_spec": data.plan, "versions": library_versions()}
     pairs = zip(runs, results, strict=True)
     return [write_outputs(run.path, {**result, **base, "run": run_record(run)}) for run, result in pairs]
 
 
 def run_record(run: Run) -> dict:
-    spec = run.cache.spec
+    """eval.json's "run": the SAE, its model and site, its cache; an imported SAE's format and files too."""
+    spec = run.spec
+    imported = {"format": run.imported.format, "source": run.cfg["source"]} if run.imported else {}
     return {
         "dir": str(run.path),
-        "name": run.path.name,
+        "name": run.imported.name if run.imported else run.path.name,
         "arch": run.cfg["training_architecture"],
         **{k: run.cfg["sae"][k] for k in ("k", "dict_size", "l0_coeff", "l1_coeff")},
         "theta": run.cfg.get("theta"),
@@ -124,8 +125,9 @@ def run_record(run: Run) -> dict:
         "model": spec["model"],
         "site": spec["site"],
         "layer": run.layer,
-        "cache_key": run.cache.key,
-        "cache_path": str(run.cache.path),
+        "cache_key": run.cache.key if run.cache is not None else None,
+        "cache_path": str(run.cache.path) if run.cache is not None else None,
+        **imported,
     }
 
 
@@ -162,13 +164,13 @@ def _variants(run: Run, sae: SparseAutoencoder, cfg: EvalConfig) -> list[Variant
 
 @torch.inference_mode()
 def evaluate_saes(
-    loaded: LoadedModel, cache: Cache, layer: int, saes: list[SparseAutoencoder], variants: list[list[Variant]],
-    tokens_CT: np.ndarray, cfg: EvalConfig, device: torch.device,
+    loaded: LoadedModel, data: EvalData, saes: list[SparseAutoencoder], variants: list[list[Variant]],
+    cfg: EvalConfig, device: torch.device,
 ) -> list[dict]:  # fmt: skip
-    """One metrics dict per SAE over the contexts tokens_CT, all spliced at the cache's site and layer;
+    """One metrics dict per SAE over the contexts data.tokens_CT, all spliced at data's site and layer;
     each SAE's gate is its own united with the evaluation's (cfg.gate_*)."""
-    site, bos, (C, T) = cache.spec["site"], cache.spec["bos_token_id"], tokens_CT.shape
-    mean_D = torch.tensor(cache.stats(layer)["mean_D"], device=device)  # the training data's mean
+    site, layer, tokens_CT, mean_D = data.site, data.layer, data.tokens_CT, data.mean_D
+    bos, (C, T) = data.plan["bos_token_id"], tokens_CT.shape
     shared = Tally()
     tallies = [[Tally() for _ in sae_variants] for sae_variants in variants]
     splicer = Splicer(loaded, site, layer)

@@ -54,12 +54,6 @@ def eval_plan(cfg: EvalConfig, spec: dict, stream_end: dict, cache_path: str) ->
             f"'{dataset}', evaluation starts at document {start_doc}; use --start-doc {unread} or later, or "
             f"another --dataset/--split"
         )
-    n_contexts = cfg.tokens // spec["ctx_len"]
-    if n_contexts < 2:
-        raise UserError(
-            f"too few evaluation tokens: tokens={cfg.tokens} is less than 2 contexts of {spec['ctx_len']} "
-            f"tokens (standard errors need at least 2); raise --tokens"
-        )
     plan = {
         "dataset": dataset,
         "dataset_revision": source.revision,
@@ -73,10 +67,42 @@ def eval_plan(cfg: EvalConfig, spec: dict, stream_end: dict, cache_path: str) ->
         "ctx_len": spec["ctx_len"],
         "packing": spec["packing"],
         "bos_token_id": spec["bos_token_id"],
-        "n_contexts": n_contexts,
-        "n_tokens": n_contexts * spec["ctx_len"],
+        **_contexts(cfg.tokens, spec["ctx_len"]),
     }
     return plan, source
+
+
+def text_plan(cfg: EvalConfig, dataset: str, ctx_len: int, bos_token_id: int) -> tuple[dict, DatasetSource]:
+    """The plan of an evaluation without a training cache (an imported SAE with none of its site):
+    `dataset` in its seeded order (cfg.seed, else 0) from cfg.start_doc (else its first document), in
+    contexts of ctx_len tokens with a BOS before each document, as a harvest packs them."""
+    source = DatasetSource.resolve(dataset)
+    plan = {
+        "dataset": dataset,
+        "dataset_revision": source.revision,
+        "dataset_config": cfg.dataset_config,
+        "dataset_split": cfg.dataset_split or "train",
+        "text_column": cfg.text_column or "text",
+        "seed": cfg.seed if cfg.seed is not None else 0,
+        "same_data_as_cache": False,
+        "first_unread_doc": None,
+        "start_doc": cfg.start_doc or 0,
+        "ctx_len": ctx_len,
+        "packing": "bos_per_doc",
+        "bos_token_id": bos_token_id,
+        **_contexts(cfg.tokens, ctx_len),
+    }
+    return plan, source
+
+
+def _contexts(tokens: int, ctx_len: int) -> dict:
+    n_contexts = tokens // ctx_len
+    if n_contexts < 2:
+        raise UserError(
+            f"too few evaluation tokens: tokens={tokens} is less than 2 contexts of {ctx_len} "
+            f"tokens (standard errors need at least 2); raise --tokens"
+        )
+    return {"n_contexts": n_contexts, "n_tokens": n_contexts * ctx_len}
 
 
 def heldout_tokens(plan: dict, source: DatasetSource, tokenizer) -> tuple[np.ndarray, dict]:

@@ -77,13 +77,21 @@ def write_outputs(run_dir: Path, result: dict) -> Path:
 def report_markdown(result: dict) -> str:
     run, spec = result["run"], result["eval_spec"]
     held = f"first unread: {spec['first_unread_doc']}" if spec["same_data_as_cache"] else "another dataset/split"
+    held = held if run["cache_key"] else "no training cache to hold documents out from"
     bos = describe_gate(result["gate"], result["gated_fraction"])
+    source = f" (a {run['format']} SAE, from {run['dir']})" if "format" in run else ""
+    cache = (
+        f"cache {run['cache_key']}"
+        if run["cache_key"]
+        else "no cache of it: the mean ablation's mean is the site's over these contexts"
+    )
     lines = [
         f"# Evaluation of {run['name']}",
         "",
         f"- SAE: {run['arch']}, dict size {run['dict_size']:,}"
-        + (f", k {run['k']}" if sparsity_knob(run["arch"]) == "k" else ""),
-        f"- Model: {run['model']}, {run['site']} of layer {run['layer']} (cache {run['cache_key']})",
+        + (f", k {run['k']}" if sparsity_knob(run["arch"]) == "k" else "")
+        + source,
+        f"- Model: {run['model']}, {run['site']} of layer {run['layer']} ({cache})",
         f"- Evaluation text: '{spec['dataset']}' split {spec['dataset_split']}, seed {spec['seed']}, from document "
         f"{spec['start_doc']} ({held}); {spec['n_contexts']:,} contexts × {spec['ctx_len']} = {spec['n_tokens']:,} tokens "
         f"(sha256 {spec['tokens_sha256']})",
@@ -94,7 +102,7 @@ def report_markdown(result: dict) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {label} | {fmt(result, key)} |" for key, label in LM_ROWS],
+        *[f"| {_lm_label(key, label, spec)} | {fmt(result, key)} |" for key, label in LM_ROWS],
         "",
         "## Reconstruction",
         "",
@@ -122,6 +130,12 @@ def report_markdown(result: dict) -> str:
         ]
     lines += [f"![L0 per token]({L0_PNG})", "", f"![feature density]({DENSITY_PNG})", ""]
     return "\n".join(lines)
+
+
+def _lm_label(key: str, label: str, spec: dict) -> str:
+    if key == "ce_mean_ablation" and spec.get("mean_ablation") == "evaluation_contexts":
+        return "CE mean-ablation (mean over these contexts)"
+    return label
 
 
 def _sparsity(result: dict) -> str:

@@ -5,12 +5,14 @@ from pathlib import Path
 
 from sae.config import setting, validate
 from sae.errors import UserError
+from sae.harvest.model import SITES
 
 
 @dataclass
 class InspectConfig:
     tokens: int | None = setting(None, positive=True)
-    """Read the cache's first N rows (rounded down to whole contexts) instead of the run's held-out chunks."""
+    """Read the cache's first N rows (rounded down to whole contexts) instead of the run's held-out chunks
+    (for another library's SAE: the cache's last chunk)."""
     out: Path | None = None
     """Folder for latents.json, latents.js and index.html; None: RUN/inspect."""
     top: int = setting(20, positive=True)
@@ -43,8 +45,16 @@ class InspectConfig:
     seed: int = 0
     """Seed of the per-latent samples."""
     cache: str | None = None
-    """The training cache (a path or URL); None: the one recorded in the run's cfg.json. Give it if the
-    cache moved."""
+    """The training cache (a path or URL), or a folder of caches holding it; None: the one recorded in
+    the run's cfg.json. Give it if the cache moved. For another library's SAE: a cache of its model's
+    residual stream at its site, or a folder to look in; None: the cache root ($SAE_CACHE_DIR, else
+    ./caches)."""
+    model: str | None = None
+    """The model of another library's SAE (as its caches name it); None: the one its files name."""
+    site: str | None = setting(None, choices=SITES)
+    """The site of another library's SAE (resid_pre or resid_post); None: the one its files name."""
+    layer: int | None = setting(None, at_least=0)
+    """The layer of another library's SAE; None: the one its files name."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1, ..."""
 

@@ -1,5 +1,5 @@
 """`sae inspect` as a function: the run and its cache, the LM's token effects, the streaming pass,
-then latents.json and the page. The LM is loaded only for its tokenizer and unembedding, and
+then latents.json and the page (another library's SAE too, over a cache of its site). The LM is loaded only for its tokenizer and unembedding, and
 dropped before the pass; the pass itself never runs it (the cache holds the tokens)."""
 
 import json
@@ -8,16 +8,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae.cache.spec import file_sha256
-from sae.cache.store import Cache
+from sae.cache.store import Cache, default_cache_root
+from sae.commands import harvest_command_line
 from sae.device import resolve_device
 from sae.errors import UserError
+from sae.harvest.config import HarvestConfig
 from sae.inspect.config import InspectConfig
 from sae.inspect.effects import final_norm, nearest_latents, norm_gain, token_effects, unembedding
 from sae.inspect.latents import DEFINITIONS, FORMAT, VERSION, Vocab, latent_records
 from sae.inspect.page import write_page
 from sae.inspect.scan import plan_rows, scan
-from sae.train.rundir import INSPECT, WEIGHTS, Run, load_sae, read_run
+from sae.train.rundir import INSPECT, Run, load_sae, read_run
 from sae.versions import library_versions
 
 JSON_NAME = "latents.json"
@@ -27,9 +28,26 @@ def output_dir(run: Run, cfg: InspectConfig) -> Path:
     return Path(cfg.out) if cfg.out is not None else run.path / INSPECT
 
 
+def read_inspected(run_dir: Path, cfg: InspectConfig) -> Run:
+    """The run and a cache of its rows: its training cache, or for another library's SAE a cache of its
+    model's residual stream at its site (else one line with the `sae harvest` that makes one)."""
+    run = read_run(run_dir, cfg.cache, cfg.model, cfg.site, cfg.layer)
+    if run.cache is None:
+        spec = run.spec
+        harvest = HarvestConfig(model=spec["model"], layers=(run.layer,), site=spec["site"], ctx_len=spec["ctx_len"])
+        raise UserError(
+            f"run {run.path}: sae inspect reads rows of {spec['model']} {spec['site']} layer {run.layer} from a cache, "
+            f"and there is none in {cfg.cache or default_cache_root(None).url}; make one with `{harvest_command_line(harvest)}`"
+        )
+    return run
+
+
 def check_source(run: Run, cfg: InspectConfig) -> list[tuple[int, int]]:
     """The (chunk, contexts) plan of the pass, or a one-line error."""
     cache = run.cache
+    if cfg.tokens is None and run.imported is not None:  # rows it never trained on: the cache's last chunk
+        full = cache.n_contexts // cache.chunk_contexts
+        return plan_rows(cache, list(range(max(full - 1, 0), cache.n_chunks)), None)
     if cfg.tokens is None:
         chunks = run.cfg.get("heldout", {}).get("chunks") or []
         if not chunks:
@@ -94,9 +112,10 @@ def header(run: Run, cfg: InspectConfig, plan: list[tuple[int, int]], rows_gated
         "format": FORMAT,
         "version": VERSION,
         "run": {
-            "dir": str(run.path), "name": run.path.name, "arch": run.cfg["training_architecture"],
-            "k": run.cfg["sae"]["k"], "dict_size": run.cfg["d_sae"], "theta": run.cfg.get("theta"),
-            "weights_sha256": file_sha256([run.path / WEIGHTS]),
+            "dir": str(run.path), "name": run.imported.name if run.imported else run.path.name,
+            "arch": run.cfg["training_architecture"], "k": run.cfg["sae"]["k"], "dict_size": run.cfg["d_sae"],
+            "theta": run.cfg.get("theta"), "weights_sha256": run.weights_sha256(),
+            **({"format": run.imported.format, "source": run.cfg["source"]} if run.imported else {}),
         },
         "cache": {"path": str(cache.path), "key": cache.key, "layer": run.layer, "model": cache.spec["model"], "ctx_len": T},
         "source": {
@@ -114,7 +133,7 @@ def inspect_data(run: Run, cfg: InspectConfig) -> dict:
     """latents.json's content for a run (the whole computation)."""
     plan = check_source(run, cfg)
     device = resolve_device(cfg.device)
-    sae = load_sae(run.path, device)
+    sae = load_sae(run, device)
     tokenizer, effects = lm_effects(run, sae.W_dec.detach(), cfg, device) if cfg.lm else (None, None)
     neighbours = nearest_latents(sae.W_dec.detach(), cfg.neighbours)
     result = scan(sae, run.cache, run.layer, plan, cfg, device)
@@ -126,14 +145,14 @@ def inspect_data(run: Run, cfg: InspectConfig) -> dict:
 
 def inspect_run(run_dir: Path, cfg: InspectConfig) -> Path:
     """Inspect a run: DIR/latents.json, DIR/latents.js and DIR/index.html; returns index.html's path."""
-    run = read_run(run_dir, cfg.cache)
+    run = read_inspected(run_dir, cfg)
     return write_page(output_dir(run, cfg), inspect_data(run, cfg))
 
 
 def saved_or_new(run_dir: Path, cfg: InspectConfig, latent: int | None = None) -> dict:
     """latents.json of this run from cfg.out if it was made from these weights, cache and settings,
     else a new pass (written out too). A latent id out of range is refused before any work."""
-    run = read_run(run_dir, cfg.cache)
+    run = read_inspected(run_dir, cfg)
     m = run.cfg["d_sae"]
     if latent is not None and not 0 <= latent < m:
         raise UserError(f"latent {latent} out of range: run {run.path} has latents 0..{m - 1}")
@@ -142,7 +161,7 @@ def saved_or_new(run_dir: Path, cfg: InspectConfig, latent: int | None = None) -
         saved = json.loads(path.read_text())
         same = (
             saved.get("format") == FORMAT and saved.get("version") == VERSION
-            and saved["run"]["weights_sha256"] == file_sha256([run.path / WEIGHTS])
+            and saved["run"]["weights_sha256"] == run.weights_sha256()
             and saved["cache"]["key"] == run.cache.key and saved["config"] == as_saved(cfg.pass_record())
         )  # fmt: skip
         if same:

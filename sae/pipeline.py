@@ -2,26 +2,14 @@
 [train] config with its [[sweep]], a resumed run's saved config, and `sae run` itself."""
 
 import json
-import shlex
 from pathlib import Path
 
 from sae.cache.store import default_cache_root, find_caches
+from sae.commands import harvest_command_line
 from sae.config import apply_storage_options, build_config, read_pipeline_toml, stage_config
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.train.config import SWEEP_KEYS, TrainConfig
-
-
-def harvest_command_line(cfg: HarvestConfig) -> str:
-    """The `sae harvest` command that makes the cache cfg names."""
-    flags = {
-        "--model": cfg.model, "--layer": ",".join(map(str, cfg.layers)), "--site": cfg.site,
-        "--dataset": cfg.dataset, "--ctx-len": cfg.ctx_len, "--tokens": cfg.tokens,
-        "--dtype": cfg.dtype, "--model-dtype": cfg.model_dtype,
-    }  # fmt: skip
-    if cfg.cache_dir is not None:
-        flags["--cache-dir"] = cfg.cache_dir
-    return "sae harvest " + " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags.items())
 
 
 def resolve_cache(cache: str | None, config_path: Path | None) -> str:
@@ -64,6 +52,18 @@ def resumed_config(run_dir: Path, settings: dict) -> TrainConfig:
     cache = settings["cache"] or saved["cache"]["path"]
     where = f"{cfg_path} train_config"
     return build_config(TrainConfig, saved["train_config"], {"out": run_dir.parent, "cache": cache}, where)
+
+
+def stream_resume(cfg: TrainConfig) -> tuple[HarvestConfig, dict | None]:
+    """A streamed sweep's harvest config and where its stream stood at its newest checkpoint."""
+    from sae.train.rundir import stream_point
+
+    run_dirs = [Path(cfg.out) / spec.name for spec in cfg.specs()]
+    saved = json.loads((run_dirs[0] / "cfg.json").read_text())
+    if "stream" not in saved:
+        raise UserError(f"{run_dirs[0]} was not trained from a stream; resume it without --stream")
+    where = f"{run_dirs[0] / 'cfg.json'} stream"
+    return build_config(HarvestConfig, saved["stream"]["harvest_config"], {}, where), stream_point(run_dirs)
 
 
 def run_pipeline(

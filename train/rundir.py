@@ -8,6 +8,10 @@
     <run>/snapshots/<tokens>/       the run as a shorter training would have left it
     <run>/eval.json, report.md, *.png    `sae eval`          <run>/inspect/    `sae inspect`
 
+`sae eval`, `sae compare` and `sae inspect` also read the SAEs of other libraries (SAELens, sparsify,
+dictionary_learning): read_run and load_sae tell the formats apart by their files (run_format) and
+read them with train.formats, onto the same SparseAutoencoder.
+
 Every file is written atomically (temp file, fsync, rename), so a kill at any instant leaves either
 the old file or the new one. The last two checkpoints are kept: a sweep killed between writing its
 runs' checkpoints resumes from the newest step that every run has.
@@ -25,22 +29,25 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from sae.cache.location import as_location
-from sae.cache.store import Cache, open_cache
+from sae.cache.spec import file_sha256
+from sae.cache.store import Cache, default_cache_root, is_cache, list_caches, open_cache
 from sae.errors import UserError
 from sae.progress import console
 from sae.train.config import SAESpec
+from sae.train.formats import Imported, dictionary_learning, read_json, saelens, sparsify
 from sae.train.gate import Gate
 from sae.train.sae import SparseAutoencoder
 
 WEIGHTS, CFG, METRICS, EVAL = "sae_weights.safetensors", "cfg.json", "metrics.jsonl", "eval.json"
 SNAPSHOTS, INSPECT = "snapshots", "inspect"
+DEFAULT_CONTEXT = 128  # the context length an imported SAE is evaluated at where its files name none
 PARTIAL = ".tmp"  # .<name>.tmp<pid>: a file being written; one a killed writer left is removed on resume
 SAELENS_FORMAT = "6.0.0"
 """metadata.sae_lens_version: the SAELens cfg.json layout we write. SAELens reads a config without one as
 pre-6.0 and drops its nested metadata (hook_name, model_name, context_size)."""
 TRAINING_KEYS = (
     "step", "tokens", "epochs", "input", "train_config", "versions",
-    "theta_eq7", "theta_source", "theta_calibration", "heldout",
+    "theta_eq7", "theta_source", "theta_calibration", "heldout", "stream",
 )  # fmt: skip
 """cfg.json's record of how the SAE was trained, after the fields run_cfg derives from the SAE and cache."""
 
@@ -86,7 +93,9 @@ def run_cfg(sae: SparseAutoencoder, cache: dict[str, Any], training: dict[str, A
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
-        "normalize_activations": "layer_norm" if sae.input_norm == "standardize" else "none",
+        "normalize_activations": {"standardize": "layer_norm", "constant_norm_rescale": "constant_norm_rescale"}.get(
+            sae.input_norm, "none"
+        ),
         "reshape_activations": "none",
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT,
@@ -120,26 +129,97 @@ def save_run(run_dir: Path, sae: SparseAutoencoder, cfg: dict[str, Any]) -> None
 class Run:
     path: Path
     cfg: dict
-    """The run's cfg.json."""
-    cache: Cache
+    """The run's cfg.json; for an imported SAE, the cfg.json ours would have (run_cfg) and its "source"."""
+    cache: Cache | None
+    """The training cache; for an imported SAE a cache of its model and site, or None (none found)."""
     layer: int
+    imported: Imported | None = None
+    """An SAE another library trained (train.formats), as read; None: one of ours."""
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The cache's spec; for an imported SAE without one, what its files (or flags) name."""
+        return self.cache.spec if self.cache is not None else self.cfg["cache"]["spec"]
 
     @property
     def model_key(self) -> tuple[str, str]:
-        return self.cache.spec["model"], self.cache.spec["model_dtype"]
+        return self.spec["model"], self.spec.get("model_dtype", "float32")
+
+    def weights_sha256(self) -> str:
+        files = self.imported.files if self.imported is not None else [self.path / WEIGHTS]
+        return file_sha256(files)
 
 
-def read_run(run_dir: Path, cache: str | Path | None = None) -> Run:
-    """The run's cfg.json and its training cache (`cache`: where it is now, if it moved), checked
-    before any model is loaded."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CFG).is_file() or not (run_dir / WEIGHTS).is_file():
-        raise UserError(f"no saved SAE in {run_dir} (needs {CFG} and {WEIGHTS}); train one with `sae train`")
+FORMATS = {"saelens": saelens, "sparsify": sparsify, "dictionary_learning": dictionary_learning}
+LABELS = {
+    "ours": "`sae train` run",
+    "saelens": "SAELens",
+    "sparsify": "sparsify",
+    "dictionary_learning": "dictionary_learning",
+}
+
+
+def resolve(run_dir: str | Path) -> Path:
+    """The directory a run argument names: itself, or for `saelens:RELEASE/SAE_ID` SAELens's download of it."""
+    text = str(run_dir)
+    return saelens.fetch(text) if text.startswith(saelens.PREFIX) else Path(run_dir)
+
+
+def run_format(run_dir: Path) -> str:
+    """The format of run_dir from its files: "ours", "saelens", "sparsify" or "dictionary_learning"; else one line
+    naming what is there and what is missing."""
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if {CFG, WEIGHTS} <= names:
+        return "ours" if "cache" in read_json(run_dir / CFG) else "saelens"
+    for name, module in FORMATS.items():
+        if set(module.FILES) <= names:
+            return name
+    inside = [str(run_dir / p) for p in sorted(names) if _holds_sae(run_dir / p)][:4]
+    partial = [(name, module.FILES) for name, module in FORMATS.items() if names & set(module.FILES)]
+    if CFG in names and WEIGHTS not in names and _sparsify_cfg(run_dir / CFG):
+        partial = [("sparsify", sparsify.FILES)]
+    if partial and not inside:  # (a sparsify run's folder has a config.json beside its hookpoints)
+        name, files = partial[0]
+        missing = [f for f in files if f not in names]
+        raise UserError(f"{run_dir} holds {', '.join(f for f in files if f in names)} of a {LABELS[name]} SAE but "
+                        f"not {', '.join(missing)}")  # fmt: skip
+    held = ", ".join(sorted(names)[:8]) + (", …" if len(names) > 8 else "") if names else "nothing"
+    hint = f"; pass one of the SAEs inside it: {', '.join(inside)}" if inside else ""
+    raise UserError(
+        f"no saved SAE in {run_dir} (it holds {held}): a run has {CFG} and {WEIGHTS} (ours, SAELens), {CFG} and "
+        f"{sparsify.WEIGHTS} (sparsify) or {dictionary_learning.WEIGHTS} and {dictionary_learning.CONFIG} "
+        f"(dictionary_learning){hint}"
+    )
+
+
+def _sparsify_cfg(path: Path) -> bool:
+    try:
+        return "expansion_factor" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _holds_sae(path: Path) -> bool:
+    """The folder has the files of one of the formats (not looking further down)."""
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    return {CFG, WEIGHTS} <= names or any(set(module.FILES) <= names for module in FORMATS.values())
+
+
+def read_run(run_dir: str | Path, cache: str | Path | None = None, model: str | None = None,
+             site: str | None = None, layer: int | None = None) -> Run:  # fmt: skip
+    """The run's cfg.json and its cache, checked before any model is loaded. Ours: its training cache
+    (`cache`: where it is now, or a folder of caches holding it). Another library's SAE (train.formats):
+    where its files say it belongs, `model`, `site` and `layer` overriding them, and a cache of that
+    model's residual stream there under `cache` (a cache or a folder of caches; default: the cache root)."""
+    run_dir = resolve(run_dir)
+    found = run_format(run_dir)
+    if found != "ours":
+        return imported_run(run_dir, FORMATS[found].read(run_dir), cache, model, site, layer)
     cfg = json.loads((run_dir / CFG).read_text())
-    if "cache" not in cfg:
-        raise UserError(f"{run_dir / CFG} names no training cache: use runs written by `sae train`")
     recorded = cfg["cache"]
     location = as_location(cache if cache is not None else recorded["path"])
+    if cache is not None and not is_cache(location):  # a folder of caches: the run's is among them
+        location = next((c.location for c in list_caches(location) if c.key == recorded["key"]), location)
     if not location.exists("zarr.json"):
         raise UserError(f"run {run_dir}: its training cache {location} is not there; give its path with --cache")
     opened = open_cache(location)
@@ -148,26 +228,95 @@ def read_run(run_dir: Path, cache: str | Path | None = None) -> Run:
     return Run(run_dir, cfg, opened, recorded["layer"])
 
 
-def load_sae(run_dir: Path, device: str | torch.device = "cpu", gate: Gate = Gate()) -> SparseAutoencoder:
-    """A saved SAE on raw activations: its scale in the weights, its standardisation and gate as saved;
-    `gate`: more rows to pass through (an evaluation's own gate, united with the SAE's)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CFG).exists() or not (run_dir / WEIGHTS).exists():
-        raise UserError(f"{run_dir} is not a run directory (no {CFG} and {WEIGHTS})")
+def imported_run(run_dir: Path, imported: Imported, cache: str | Path | None, model: str | None,
+                 site: str | None, layer: int | None) -> Run:  # fmt: skip
+    """An imported SAE as a Run: at the model, site and layer its files name (or the flags), with a
+    matching cache where one exists; cfg as run_cfg would write it for the SAE, plus its "source"."""
+    model, site = model or imported.model, site or imported.site
+    layer = layer if layer is not None else imported.layer
+    missing = [flag for flag, value in (("--model", model), ("--site", site), ("--layer", layer)) if value is None]
+    if missing:
+        reasons = [f"its hook {imported.hook!r} is no residual-stream site" if imported.hook else "no site named"]
+        reasons = (reasons if site is None or layer is None else []) + (["no model named"] if model is None else [])
+        raise UserError(
+            f"{run_dir}: where this {LABELS[imported.format]} SAE belongs is not in its files ({', '.join(reasons)}); "
+            f"pass {' and '.join(missing)}"
+        )
+    match = matching_cache(cache, model, site, layer, imported.sae.d_in)
+    if match is not None:
+        opened, layer = match
+        record = cache_record(opened, layer)
+    else:
+        opened = None
+        spec = {"model": model, "model_dtype": "float32", "site": site, "dataset": imported.dataset,
+                "ctx_len": imported.context_size or DEFAULT_CONTEXT}  # fmt: skip
+        record = {"path": None, "key": None, "layer": layer, "spec": spec}
+    source = {"format": imported.format, "name": imported.name, "hook": imported.hook, "model": imported.model,
+              "site": imported.site, "layer": imported.layer, "files_sha256": imported.files_sha256(),
+              **imported.details}  # fmt: skip
+    return Run(run_dir, {**run_cfg(imported.sae, record, {}), "source": source}, opened, layer, imported)
+
+
+def matching_cache(where: str | Path | None, model: str, site: str, layer: int, d_in: int) -> tuple[Cache, int] | None:
+    """(the largest cache of model's residual stream at site and layer, its layer) under `where` (a cache or
+    a folder of caches; None: the default cache root). resid_post L is resid_pre L+1: a cache of either
+    serves (its site is where evaluation splices); d_model must be d_in. A `where` that is a cache and
+    does not match is an error; None where nothing matches."""
+    root = as_location(where) if where is not None else default_cache_root(None)
+    caches = [open_cache(root)] if is_cache(root) else list_caches(root)
+    found = []
+    for opened in caches:
+        if opened.spec.get("model") != model or opened.d_model != d_in:
+            continue
+        same = [(site, layer), ("resid_pre", layer + 1) if site == "resid_post" else ("resid_post", layer - 1)]
+        found += [(opened, at) for name, at in same if opened.spec["site"] == name and at in opened.layers]
+    if not found and where is not None and is_cache(root):
+        raise UserError(
+            f"cache {root} is not of {model} {site} layer {layer} (d_model {d_in}); give one that is, or none"
+        )
+    return max(found, key=lambda pair: pair[0].n_contexts) if found else None
+
+
+def load_sae(run: "Run | str | Path", device: str | torch.device = "cpu", gate: Gate = Gate()) -> SparseAutoencoder:
+    """A saved SAE on raw activations, ours or another library's (train.formats): its scale in the weights,
+    its normalisation and gate as saved; `gate`: more rows to pass through (an evaluation's own gate,
+    united with the SAE's). A Run read before gives its imported SAE without reading it again."""
+    if isinstance(run, Run) and run.imported is not None:
+        imported = run.imported
+    else:
+        run_dir = resolve(run.path if isinstance(run, Run) else run)
+        found = run_format(run_dir)
+        imported = FORMATS[found].read(run_dir) if found != "ours" else None
+    if imported is not None:
+        sae = imported.sae
+        sae.gate = sae.gate.union(gate)
+        return sae.to(device)
     cfg = json.loads((run_dir / CFG).read_text())
     tensors = load_file(run_dir / WEIGHTS, device=str(device))
-    normalize = "standardize" if cfg["normalize_activations"] == "layer_norm" else "none"
+    normalize = saelens.NORMALIZATIONS[cfg["normalize_activations"]]
     gate = Gate.from_record(cfg["metadata"].get("gate")).union(gate)
-    sae = SparseAutoencoder(SAESpec(**cfg["sae"]), cfg["d_in"], normalize=normalize, gate=gate).to(device)
-    with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(tensors[name])
-        if "threshold" in tensors:
-            sae.arch.load_threshold(sae, tensors["threshold"])
-    return sae.eval()
+    return SparseAutoencoder.from_tensors(SAESpec(**cfg["sae"]), tensors, normalize=normalize, gate=gate, device=device)
 
 
 # -- training: a fresh directory, metrics, checkpoints ------------------------------------------
+def stream_point(run_dirs: list[Path]) -> dict | None:
+    """Where a streamed sweep's stream stood at the newest checkpoint all its runs have (None: none)."""
+    _, states = resume_point(run_dirs, torch.device("cpu"))
+    return None if states is None else states[0]["loader"][0].get("stream")
+
+
+def saved_input(run_dir: Path) -> dict[str, Any] | None:
+    """The input set-up a run recorded at its last save ({"input": ..., "gate": ...}); None before any."""
+    if not (run_dir / CFG).is_file():
+        return None
+    cfg = json.loads((run_dir / CFG).read_text())
+    return (
+        {"input": cfg["input"], "gate": cfg["metadata"]["gate"], "layer": cfg["cache"]["layer"]}
+        if "input" in cfg
+        else None
+    )
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> None:
     """Create a run dir for a training that starts at step 0, clearing what a run killed before its
     first complete checkpoint left (metrics lines, checkpoints). A run that has saved its config is

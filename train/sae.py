@@ -43,6 +43,21 @@ class SparseAutoencoder(nn.Module):
         # Tokens since each latent last fired (AuxK's dead set).
         self.register_buffer("tokens_since_fired_M", torch.zeros(self.m, dtype=torch.long))
 
+    @classmethod
+    def from_tensors(cls, spec: SAESpec, tensors: dict[str, Tensor], *, normalize: str = "none", gate: Gate = Gate(),
+                     device: str | torch.device = "cpu") -> "SparseAutoencoder":  # fmt: skip
+        """An inference SAE on raw rows from exported tensors (W_enc [d, m], b_enc [m], W_dec [m, d],
+        b_dec [d], and threshold [m] for a thresholded architecture): a run directory's weights, or
+        another library's mapped onto ours (train.formats). A negative threshold acts as 0, as it does
+        where the library applies its ReLU before the threshold."""
+        sae = cls(spec, tensors["W_enc"].shape[0], normalize=normalize, gate=gate).to(device)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(tensors[name])
+            if "threshold" in tensors:
+                sae.arch.load_threshold(sae, tensors["threshold"].clamp(min=0))
+        return sae.eval()
+
     # -- raw activations in, raw reconstructions out --------------------------------------------
     def normalize(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x_n, mult, shift): the rows in the SAE's input space, raw x ≈ x_n · mult + shift."""
@@ -183,7 +198,8 @@ def normalize_input(x_BD: Tensor, mode: str, scale: float = 1.0) -> tuple[Tensor
     """(x_n, mult, shift) with raw x ≈ x_n · mult + shift; modes as in TrainConfig.normalize.
 
     "standardize" is the reference code's per-sample standardisation and SAELens's "layer_norm"
-    (whose output side multiplies by the std without the epsilon, as here)."""
+    (whose output side multiplies by the std without the epsilon, as here); "constant_norm_rescale"
+    is SAELens's too (read from its directories, train.formats.saelens)."""
     x_BD = x_BD.float()
     if mode == "standardize":
         mean_B1 = x_BD.mean(dim=1, keepdim=True)
@@ -191,4 +207,7 @@ def normalize_input(x_BD: Tensor, mode: str, scale: float = 1.0) -> tuple[Tensor
         return (x_BD - mean_B1) / (std_B1 + 1e-5), std_B1, mean_B1
     if mode == "scale":
         return x_BD * scale, x_BD.new_tensor(1 / scale), x_BD.new_zeros(())
+    if mode == "constant_norm_rescale":  # SAELens's: every row to norm √d, its scale undone after decoding
+        norm_B1 = x_BD.norm(dim=1, keepdim=True) / x_BD.shape[1] ** 0.5
+        return x_BD / norm_B1, norm_B1, x_BD.new_zeros(())
     return x_BD, x_BD.new_ones(()), x_BD.new_zeros(())

@@ -73,6 +73,8 @@ def calibrate_run(run_dir: Path, target_l0: float | None = None, cache: str | No
     """Choose a saved BatchTopK run's θ again on its held-out rows (gated as in training) for mean L0
     = target_l0 (default k); rewrites its weights and cfg.json (eq. 7's θ stays beside it)."""
     run = read_run(run_dir, cache)
+    if run.imported is not None:
+        raise UserError(f"{run_dir} holds a {run.imported.format} SAE; sae calibrate chooses θ again for our runs only")
     device = resolve_device(device)
     sae = load_sae(run_dir, device)
     if not sae.arch.calibrated_theta:
