@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from sae.cache.lock import writer_state
 from sae.cache.store import Cache, is_cache, open_cache
+from sae.cache.window import Window
 from sae.errors import UserError
 from sae.progress import console
 
@@ -19,9 +20,9 @@ STOPPED_AFTER_S = 30.0
 
 
 def wait_for_cache(where: str, timeout_s: float) -> Cache:
-    """The cache at `where`, waiting up to timeout_s for a harvest to create it."""
+    """The cache at `where`, waiting up to timeout_s for a harvest to create it and set its target."""
     deadline, said = time.monotonic() + timeout_s, False
-    while not is_cache(where):
+    while not (is_cache(where) and started(open_cache(where))):
         if time.monotonic() > deadline:
             raise UserError(
                 f"{where} did not become an activation cache within {timeout_s:g} s; start its `sae harvest` "
@@ -34,11 +35,17 @@ def wait_for_cache(where: str, timeout_s: float) -> Cache:
     return open_cache(where)
 
 
+def started(cache: Cache) -> bool:
+    """A cache its harvest has set a target for, or one no harvest writes (made before targets were kept)."""
+    return "target_contexts" in cache.meta or writer_state(cache.location) != "live"
+
+
 class Follower:
     """Waits, on behalf of every reader thread of one cache, until chunks are committed."""
 
-    def __init__(self, cache: Cache, stop: threading.Event | None = None):
-        self.cache, self.stop = cache, stop or threading.Event()
+    def __init__(self, cache: Cache, stop: threading.Event | None = None, window: Window | None = None):
+        """window: the cache is a stream's (its harvest runs in this process and reports its errors there)."""
+        self.cache, self.stop, self.window = cache, stop or threading.Event(), window
         self._lock = threading.Lock()
         self._waiting_since: float | None = None
         self._said_stopped = False
@@ -49,6 +56,13 @@ class Follower:
         while not self.cache.is_committed(last):
             if self.stop.is_set():
                 return False
+            if self.window is not None and self.window.error is not None:
+                raise self.window.error
+            if self.cache.complete:
+                raise UserError(
+                    f"the harvest of {self.cache.path} ended with {self.cache.n_contexts:,} contexts, before chunk "
+                    f"{last} that this training planned for: its dataset ran out; train with fewer --tokens"
+                )
             with self._lock:  # one reader refreshes and speaks for all
                 self._look(last)
             time.sleep(POLL_S)

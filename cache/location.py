@@ -1,4 +1,5 @@
-"""Where caches live: a local directory or an object-store URL (s3://, gs://, az://).
+"""Where caches live: a local directory, an object-store URL (s3://, gs://, az://), or memory:// (a
+stream's bounded window of chunks, held by this process only).
 
 Both sit behind one small interface, so the cache code is the same for either: the zarr store of a
 cache's group, and the few whole-object operations the commit protocol and the writer lock need.
@@ -19,6 +20,7 @@ import contextlib
 import datetime
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ def set_storage_options(options: dict[str, Any]) -> None:
 
 def as_location(where: "str | Path | Location") -> "Location":
     """A local path or a URL as a location; a location as it is."""
-    if isinstance(where, LocalLocation | ObjectLocation):
+    if isinstance(where, LocalLocation | ObjectLocation | MemoryLocation):
         return where
     text = str(where)
     scheme, sep, rest = text.partition("://")
@@ -47,6 +49,8 @@ def as_location(where: "str | Path | Location") -> "Location":
         return LocalLocation(Path(text).expanduser().absolute())
     if scheme == "file":
         return LocalLocation(Path(rest).absolute())
+    if scheme == "memory":
+        return MemoryLocation(text.rstrip("/"))
     if scheme not in SCHEMES:
         raise UserError(f"unknown location scheme '{scheme}://' in {text}; use a local path, s3://, gs:// or az://")
     return ObjectLocation(text.rstrip("/"))
@@ -258,7 +262,90 @@ class ObjectLocation:
             raise UserError(f"cannot access {self.url}: {reason}") from None
 
 
-Location = LocalLocation | ObjectLocation
+_MEMORY: dict[str, dict] = {}
+"""memory:// locations of this process: url -> the zarr MemoryStore's dict of keys to buffers."""
+_MEMORY_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class MemoryLocation:
+    """A location in this process's memory (a zarr MemoryStore): what a stream's harvest writes and its
+    trainer reads, one window of chunks at a time. Gone when the process ends."""
+
+    url: str
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def _objects(self) -> dict:
+        with _MEMORY_LOCK:
+            return _MEMORY.setdefault(self.url, {})
+
+    def child(self, name: str) -> "MemoryLocation":
+        return MemoryLocation(f"{self.url}/{name}")
+
+    def zarr_store(self, read_only: bool) -> zarr.storage.MemoryStore:
+        return zarr.storage.MemoryStore(self._objects, read_only=read_only)
+
+    def read(self, key: str) -> bytes | None:
+        buffer = self._objects.get(key)
+        return None if buffer is None else buffer.to_bytes()
+
+    def exists(self, key: str) -> bool:
+        return key in self._objects
+
+    def create(self, key: str, data: bytes) -> bool:
+        with _MEMORY_LOCK:
+            objects = _MEMORY.setdefault(self.url, {})
+            if key in objects:
+                return False
+            objects[key] = _buffer(data)
+            return True
+
+    def replace(self, key: str, data: bytes, expected: bytes) -> bool:
+        with _MEMORY_LOCK:
+            objects = _MEMORY.setdefault(self.url, {})
+            if key not in objects or objects[key].to_bytes() != expected:
+                return False
+            objects[key] = _buffer(data)
+            return True
+
+    def delete(self, key: str) -> None:
+        self._objects.pop(key, None)
+
+    def children(self) -> list[str]:
+        with _MEMORY_LOCK:
+            names = {url[len(self.url) + 1 :].split("/")[0] for url in _MEMORY if url.startswith(self.url + "/")}
+        return sorted(names)
+
+    def size(self) -> int:
+        return sum(len(buffer.to_bytes()) for buffer in list(self._objects.values()))
+
+    def remove_all(self, keep: str) -> None:
+        for key in [k for k in self._objects if k != keep]:
+            self.delete(key)
+
+    def prune(self) -> None:
+        with _MEMORY_LOCK:
+            if not _MEMORY.get(self.url):
+                _MEMORY.pop(self.url, None)
+
+    def check_access(self) -> None:
+        """Memory is always there."""
+
+
+def _buffer(data: bytes):
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+Location = LocalLocation | ObjectLocation | MemoryLocation
 
 
 def _object_store(url: str):

@@ -172,6 +172,8 @@ class Cache:
         return min(self.chunk_contexts, self.target_contexts - chunk_index * self.chunk_contexts)
 
     def is_committed(self, chunk_index: int) -> bool:
+        if chunk_index >= self.target_chunks:  # the harvest ended short of it (its dataset ran out)
+            return False
         return self.n_contexts >= (chunk_index * self.chunk_contexts + self.contexts_in_chunk(chunk_index))
 
     def _read(self, array_name: str, chunk_index: int, start: int, stop: int) -> np.ndarray:
@@ -318,6 +320,14 @@ class CacheWriter:
         with self._storage_errors("the target"):
             self.meta = {**self.meta, "target_contexts": n_contexts}
             self.group.attrs[META_KEY] = self.meta
+
+    def skip_to(self, chunk_index: int, stream: dict) -> None:
+        """Go on writing at chunk_index, the token stream at `stream`, as if the chunks before it were
+        committed (a stream resumed by its trainer, which needs none of them). Never on a stored cache."""
+        assert self.location.url.startswith("memory://"), "only a stream's memory cache skips chunks"
+        meta = {**self.meta, "n_contexts": chunk_index * self.meta["storage"]["chunk_contexts"]}
+        meta["resume"] = {"chunk_index": chunk_index, "stream": stream}
+        self.group.attrs[META_KEY] = self.meta = meta
 
     def dim_scales(self) -> dict[int, torch.Tensor] | None:
         """s_dim per layer where the storage dtype needs one (int8), once set; else None."""

@@ -17,6 +17,7 @@ import torch
 
 from sae.cache.codecs import DIM_SCALED, DTYPES, StoredRows, decode_rows, dim_scale, encode_rows, is_scaled
 from sae.cache.convert import require_stream
+from sae.cache.location import Location
 from sae.cache.lock import LOCK_NAME, writer_lock
 from sae.cache.spec import cache_dir_name
 from sae.cache.store import (
@@ -28,6 +29,7 @@ from sae.cache.store import (
     open_writer,
     plain_rows,
 )
+from sae.cache.window import Window
 from sae.config import to_jsonable
 from sae.device import resolve_device
 from sae.errors import UserError
@@ -54,15 +56,18 @@ def build_spec(cfg: HarvestConfig, loaded: LoadedModel, source: DatasetSource) -
     }
 
 
-def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> str:
+def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, root: Location | None = None,
+            window: Window | None = None) -> str:  # fmt: skip
     """Create or extend the cache for cfg; returns its path or URL. `loaded`: cfg's model, already
-    loaded on cfg's device (a caller harvesting several times saves the load). Under torchrun every
-    rank runs this, and together they write what one process would (harvest.ranks)."""
+    loaded on cfg's device (a caller harvesting several times saves the load); `root`: where the cache
+    goes instead of cfg.cache_dir; `window`: a stream's (the harvest waits for room before each chunk,
+    quietly). Under torchrun every rank runs this, and together they write what one process would
+    (harvest.ranks)."""
     ranks = Ranks()
     device = resolve_device(cfg.device)
     source = DatasetSource.resolve(cfg.dataset)
     dataset = open_dataset(source, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
-    root = default_cache_root(cfg.cache_dir)
+    root = root or default_cache_root(cfg.cache_dir)
     root.check_access()  # a missing bucket or credential fails now, not after the model has loaded
     loaded = loaded or load_model(cfg.model, cfg.model_dtype, str(device))
     check_site(cfg.site, list(cfg.layers), loaded.n_layers)
@@ -92,7 +97,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> str:
                     )
                 return location.url
             try:
-                _harvest_chunks(writer, loaded, cfg, dataset, target_contexts, device, ranks)
+                _harvest_chunks(writer, loaded, cfg, dataset, target_contexts, device, ranks, window)
             finally:
                 if fresh and writer.n_contexts == 0:  # a cache with nothing committed holds nothing to keep
                     location.remove_all(keep=LOCK_NAME)
@@ -112,10 +117,11 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None) -> str:
 
 
 def _harvest_chunks(
-    writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, dataset, target: int, device, ranks: Ranks
-) -> None:
+    writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, dataset, target: int, device, ranks: Ranks,
+    window: Window | None,
+) -> None:  # fmt: skip
     """Rounds of ranks.world chunks, each rank forwarding and writing one chunk of every round; rank 0
-    commits the written chunks in order after each round."""
+    commits the written chunks in order after each round. A stream's window admits each chunk first."""
     ctx_len, chunk_contexts, rank = cfg.ctx_len, cfg.chunk_contexts, ranks.rank
     first_chunk, position = writer.resume["chunk_index"], require_stream(writer.resume["stream"], writer.location.url)
     documents = iter_documents(dataset, cfg.text_column, cfg.seed, start_doc=position["doc"])
@@ -167,7 +173,8 @@ def _harvest_chunks(
         assert not (wait_all and written), f"chunks {sorted(written)} written but not next to commit"
 
     n_chunks, n_mine = -(-target // chunk_contexts), 0
-    with ThreadPoolExecutor(max_workers=WRITERS) as pool, make_progress("tok", quiet=rank != 0) as progress:
+    quiet = rank != 0 or window is not None  # a stream's trainer shows its own progress
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool, make_progress("tok", quiet=quiet) as progress:
         task = progress.add_task(
             "harvest", total=target * ctx_len, completed=first_chunk * chunk_contexts * ctx_len, status=""
         )
@@ -176,6 +183,11 @@ def _harvest_chunks(
             for chunk_index in range(round_start, min(round_start + ranks.world, n_chunks)):
                 wanted = min(chunk_contexts, target - chunk_index * chunk_contexts)
                 batch = list(itertools.islice(contexts, wanted))  # every rank reads the whole stream
+                if window is not None and batch:
+                    if window.full():  # commit what is written first: the trainer waits for it to make room
+                        exchange(wait_all=True)
+                    window.admit(chunk_index, position)
+                position = batch[-1][1] if batch else position
                 if chunk_index - round_start == rank and batch:
                     mine = (chunk_index, batch)
                 if len(batch) < wanted:

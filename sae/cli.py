@@ -13,7 +13,7 @@ import click
 import typer
 
 from sae.cache.cli import cache_app
-from sae.config import apply_storage_options, parse_sets, stage_config
+from sae.config import apply_storage_options, parse_sets, stage_config, to_jsonable
 from sae.errors import UserError
 from sae.evaluate.config import EvalConfig
 from sae.flags import CONFIG, settings_command
@@ -37,14 +37,24 @@ def harvest_command(settings: dict, config: Path = CONFIG) -> None:
     print(harvest(cfg))  # stdout carries only results, so scripts can capture them
 
 
+# What of [harvest] `sae train --stream` takes from its own flags (its layer, tokens and device are the training's)
+STREAM_HARVEST_FIELDS = (
+    "model", "site", "dataset", "dataset_config", "dataset_split", "text_column", "ctx_len", "packing",
+    "batch_contexts", "model_dtype", "dtype", "codec", "chunk_contexts", "cache_dir",
+)  # fmt: skip
+
+
 @app.command("train")
 @settings_command(TrainConfig)
+@settings_command(HarvestConfig, fields=STREAM_HARVEST_FIELDS, into="harvest")
 def train_command(
     settings: dict,
+    harvest: dict,
     resume: Path = typer.Option(None, help="A run directory to continue exactly where it stopped (its whole sweep)."),
     config: Path = CONFIG,
 ) -> None:
-    """Train SAEs on a cached layer: one pass over the data feeds every SAE of the sweep."""
+    """Train SAEs on a cached layer, or (--stream) straight from the LM: one pass over the data feeds
+    every SAE of the sweep. The harvest options apply to --stream."""
     from sae.pipeline import resolve_cache, resumed_config, train_config
     from sae.train.trainer import run_training
 
@@ -53,9 +63,34 @@ def train_command(
         cfg = resumed_config(resume, settings)
     else:
         cfg = train_config(config, settings)
-        cfg.cache = resolve_cache(cfg.cache, config)
-    for run_dir in run_training(cfg, cfg.cache, resume=resume is not None):
+        cfg.cache = cfg.cache if cfg.stream else resolve_cache(cfg.cache, config)
+    if cfg.stream:
+        run_dirs = train_from_stream(cfg, config, harvest, resume)
+    else:
+        given = sorted(name for name, value in harvest.items() if value is not None)
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} is a harvest setting: it applies to --stream only")
+        run_dirs = run_training(cfg, cfg.cache, resume=resume is not None)
+    for run_dir in run_dirs:
         print(run_dir)
+
+
+def train_from_stream(cfg: TrainConfig, config: Path | None, harvest: dict, resume: Path | None) -> list[Path]:
+    """Start the stream's harvest (where a resumed run's checkpoint says), train from it, stop it."""
+    from sae.pipeline import stream_resume
+    from sae.stream import start_stream, stop_stream, stream_harvest_config
+    from sae.train.trainer import run_training
+
+    if resume is not None:
+        harvest_cfg, resume_at = stream_resume(cfg)
+    else:
+        harvest_cfg, resume_at = stream_harvest_config(config, harvest, cfg), None
+    stream = start_stream(harvest_cfg, cfg, resume_at)
+    try:
+        return run_training(cfg, stream.cache, resume=resume is not None, window=stream.window,
+                            source={"harvest_config": to_jsonable(harvest_cfg)})  # fmt: skip
+    finally:
+        stop_stream(stream)
 
 
 @app.command("calibrate")

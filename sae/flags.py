@@ -127,21 +127,24 @@ def parse_int(text: str) -> int:
     return int(value)
 
 
-def settings_command(cls: type, fields: Iterable[str] | None = None, show_defaults: bool = True) -> Callable:
+def settings_command(
+    cls: type, fields: Iterable[str] | None = None, show_defaults: bool = True, into: str = "settings"
+) -> Callable:
     """Decorate `command(settings, ...own options)`: the typer command gains an option per field of cls
     (or of `fields`), and `settings` holds each one's parsed value, None where the flag was not given.
-    show_defaults=False: the command has defaults of its own (say them in its docstring)."""
+    show_defaults=False: the command has defaults of its own (say them in its docstring); into: the
+    name of the argument that gets them (decorators stack, each class's settings in its own)."""
     chosen = [f for f in dataclasses.fields(cls) if fields is None or f.name in fields]
     hints = typing.get_type_hints(cls)
 
     def decorate(command: Callable) -> Callable:
-        own = [p for name, p in inspect.signature(command).parameters.items() if name != "settings"]
+        own = [p for name, p in inspect.signature(command).parameters.items() if name != into]
         options = [option(cls, field, show_defaults) for field in chosen]
 
         @functools.wraps(command)
         def with_settings(**kwargs: Any) -> Any:
             settings = {f.name: from_text(kwargs.pop(f.name), hints[f.name], f.name) for f in chosen}
-            return command(settings, **kwargs)
+            return command(**{into: settings}, **kwargs)
 
         parameters = own + options
         with_settings.__signature__ = inspect.Signature(parameters)

@@ -52,13 +52,16 @@ def synthetic_spec(d_model: int, ctx_len: int, layer: int = 0, bos_token_id: int
     }
 
 
-def write_cache(root: str | Path, acts_RD: torch.Tensor, ctx_len: int, chunk_contexts: int, layer: int = 0,
-                dtype: str = "float32", codec: str = "none", bos_every: int = 0) -> str:  # fmt: skip
+def write_cache(root: str | Path, acts_RD: "torch.Tensor | dict[int, torch.Tensor]", ctx_len: int,
+                chunk_contexts: int, layer: int = 0, dtype: str = "float32", codec: str = "none",
+                bos_every: int = 0) -> str:  # fmt: skip
     """A committed cache under root (a local path or URL) holding acts_RD (rows in context order) at
-    `layer`; tokens are 1..ctx_len except every `bos_every`-th row (and each context's first), which is
-    token 0 = BOS. Returns its path or URL."""
+    `layer`, or {layer: rows} at several; tokens are 1..ctx_len except every `bos_every`-th row (and each
+    context's first), which is token 0 = BOS. Returns its path or URL."""
+    by_layer = acts_RD if isinstance(acts_RD, dict) else {layer: acts_RD}
+    acts_RD = next(iter(by_layer.values()))
     n_ctx = len(acts_RD) // ctx_len
-    spec = {**synthetic_spec(acts_RD.shape[1], ctx_len, layer), "dtype": dtype}
+    spec = {**synthetic_spec(acts_RD.shape[1], ctx_len, layer), "layers": sorted(by_layer), "dtype": dtype}
     path = as_location(root).child(cache_dir_name(spec))
     tokens_R = np.tile(np.arange(1, ctx_len + 1, dtype=np.int32), n_ctx)
     tokens_R[::ctx_len] = 0
@@ -71,6 +74,6 @@ def write_cache(root: str | Path, acts_RD: torch.Tensor, ctx_len: int, chunk_con
         writer.reserve(n_ctx)
         for chunk, ctx0 in enumerate(range(0, n_ctx, chunk_contexts)):
             ctx1 = min(ctx0 + chunk_contexts, n_ctx)
-            acts = {layer: acts_RD[ctx0 * ctx_len : ctx1 * ctx_len]}
+            acts = {lay: rows_RD[ctx0 * ctx_len : ctx1 * ctx_len] for lay, rows_RD in by_layer.items()}
             writer.write_chunk(chunk, tokens_CT[ctx0:ctx1], acts, {"doc": ctx1, "offset": 0})
     return path.url

@@ -16,9 +16,9 @@ from sae.train.config import TrainConfig
 from sae.train.trainer import run_training
 
 stepped = {}
-def remember_state(state, x_BD):
+def remember_state(state, batch):
     stepped["state"] = state
-    return x_BD
+    return batch
 
 cfg = TrainConfig(arch=("batchtopk",), k=(4,), dict_size=(64,), batch_size=64, device="cpu", log_every=4,
                   checkpoint_every=8, holdout_chunks=1, out=Path(sys.argv[2]))

@@ -50,12 +50,12 @@ def test_the_norm_gate_keeps_planted_massive_rows_out_of_every_batch(massive):
     sample_RD = torch.cat([cache.read_acts(0, c) for c in (0, 3, 6, 9)])  # 4 chunks spread over the cache
     assert gate.median_norm == float(sample_RD.norm(dim=1).median()) and gate.max_norm == 4 * gate.median_norm
     chunks = list(range(CHUNKS - 1))
-    loader = Loader(cache, 0, chunks, 64, seed=0, gate=gate, buffer_chunks=3, threads=2)
+    loader = Loader(cache, [0], chunks, 64, seed=0, gate=gate, buffer_chunks=3, threads=2)
     ordinary_CR = ~massive_R.view(CHUNKS, -1)
     try:
         blocks = [loader.block_chunks(0, b) for b in range(loader.n_blocks())]
         batches_per_epoch = sum(int(ordinary_CR[block].sum()) // 64 for block in blocks)
-        served = torch.cat([next(loader) for _ in range(batches_per_epoch)])
+        served = torch.cat([next(loader)[0] for _ in range(batches_per_epoch)])
     finally:
         loader.close()
     assert served.norm(dim=1).max() < gate.max_norm  # no massive row was served ...
@@ -184,10 +184,10 @@ def test_epochs_run_past_one_pass_and_resume_mid_epoch_bit_identically(massive, 
     pass_rows = round((CHUNKS - 1) * CHUNK_CTX * CTX * (1 - record["input"]["gated_fraction_sample"]))
     assert record["step"] == int(2.5 * pass_rows) // 128 and record["epochs"] == pytest.approx(2.5, abs=0.07)
 
-    def killed_in_the_second_epoch(state, x_BD: torch.Tensor) -> torch.Tensor:
+    def killed_in_the_second_epoch(state, batch: dict) -> dict:
         if state.step >= pass_rows // 128 + 7:
             raise KeyboardInterrupt
-        return x_BD
+        return batch
 
     with pytest.raises(KeyboardInterrupt):
         run_training(small_config(tmp_path / "killed", **cfg), path, on_batch=killed_in_the_second_epoch)

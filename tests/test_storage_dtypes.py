@@ -94,9 +94,9 @@ def test_the_gpu_form_of_the_loader_decodes_to_the_cpu_form(caches):
     compact = kept_rows(cache, 1, 1, gate, decode=False)
     assert compact.values_RD.dtype == torch.int8 and 0 < len(compact.values_RD) < cache.chunk_rows
     assert torch.equal(decode_rows(compact, cache.dim_scale(1)), decoded.values_RD)
-    loader = Loader(cache, 1, [0, 1], 32, seed=0, gate=gate, buffer_chunks=2, threads=1)
+    loader = Loader(cache, [1], [0, 1], 32, seed=0, gate=gate, buffer_chunks=2, threads=1)
     try:
-        batch = next(loader)
+        batch = next(loader)[1]
     finally:
         loader.close()
     rows = torch.cat([kept_rows(cache, 1, c, gate).values_RD for c in loader.block_chunks(0, 0)])

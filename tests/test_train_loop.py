@@ -37,10 +37,10 @@ def small_config(out: Path, **fields) -> TrainConfig:
 def killed_at(kill_step: int):
     """An on_batch hook that stops the training as a Ctrl-C would, before step kill_step."""
 
-    def on_batch(state, x_BD: torch.Tensor) -> torch.Tensor:
+    def on_batch(state, batch: dict) -> dict:
         if state.step >= kill_step:
             raise KeyboardInterrupt
-        return x_BD
+        return batch
 
     return on_batch
 
@@ -98,8 +98,8 @@ def test_too_few_rows_says_how_many_there_are(cache, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path):
-    def nan_from_step_8(state, x_BD: torch.Tensor) -> torch.Tensor:
-        return x_BD * float("nan") if state.step >= 7 else x_BD
+    def nan_from_step_8(state, batch: dict) -> dict:
+        return {layer: x_BD * float("nan") for layer, x_BD in batch.items()} if state.step >= 7 else batch
 
     cfg = small_config(tmp_path, arch=("topk",), checkpoint_every=5)
     with pytest.raises(UserError, match="loss became NaN/inf in topk_k4_m128 before step 10; .*checkpoint is kept"):
@@ -185,3 +185,21 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(cache, tmp_path
     for a, b in zip(whole, resumed, strict=True):
         steps = [[json.loads(x)["step"] for x in (p / METRICS).read_text().splitlines()] for p in (a, b)]
         assert steps[0] == steps[1]
+
+
+def test_a_sweep_over_layers_trains_each_sae_as_a_run_on_its_layer_alone(tmp_path):
+    """One read of each chunk feeds every layer's SAEs: each ends as a single-layer run on its layer would."""
+    acts = {
+        3: planted_acts(CHUNKS * CHUNK_CTX * CTX, D, 64, 4, seed=0),
+        5: planted_acts(CHUNKS * CHUNK_CTX * CTX, D, 64, 4, seed=7),
+    }
+    cache = write_cache(tmp_path / "caches", acts, CTX, CHUNK_CTX)
+    both = run_training(small_config(tmp_path / "both", arch=("topk",), layer=(3, 5)), cache)
+    assert [d.name for d in both] == ["topk_k4_m128_L3", "topk_k4_m128_L5"]
+    for layer, run_dir in zip((3, 5), both, strict=True):
+        (alone,) = run_training(small_config(tmp_path / f"alone{layer}", arch=("topk",), layer=layer), cache)
+        wa, wb = load_file(run_dir / WEIGHTS), load_file(alone / WEIGHTS)
+        assert all(torch.equal(wa[n], wb[n]) for n in wa)
+        assert json.loads((run_dir / "cfg.json").read_text())["cache"]["layer"] == layer
+    with pytest.raises(UserError, match="a sweep over several layers gates rows by token or position only"):
+        run_training(small_config(tmp_path / "gated", layer=(3, 5), gate_norm=4.0), cache)

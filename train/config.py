@@ -34,13 +34,16 @@ class SAESpec(NamedTuple):
     l1_coeff: float
     matryoshka_widths: tuple[int, ...] = ()
     """matryoshka_batchtopk's prefix widths, as given (empty: its default); () for other architectures."""
+    layer: int | None = None
+    """Its layer in a sweep over several (in its name); None: the sweep's one layer."""
 
     @property
     def name(self) -> str:
-        """Run directory name: arch, its sparsity knob and dict size, e.g. batchtopk_k32_m12288."""
+        """Run directory name: arch, its sparsity knob and dict size, e.g. batchtopk_k32_m12288 (and _L8 in
+        a sweep over several layers)."""
         knob = ARCHITECTURES[self.arch].knob
         label = {"k": f"k{self.k}", "l0_coeff": f"l0c{self.l0_coeff:g}", "l1_coeff": f"l1c{self.l1_coeff:g}"}[knob]
-        return f"{self.arch}_{label}_m{self.dict_size}"
+        return f"{self.arch}_{label}_m{self.dict_size}" + ("" if self.layer is None else f"_L{self.layer}")
 
 
 @dataclass
@@ -66,14 +69,24 @@ class TrainConfig:
     when given it replaces the arch × k × dict_size grid above."""
     cache: str | None = None
     """Cache path or URL to train on; None: the cache of pipeline.toml's [harvest] spec."""
-    layer: int | None = None
-    """Cache layer to train on; None: the cache's only layer."""
+    layer: tuple[int, ...] = ()
+    """Cache layer(s) to train on; several make a sweep over layers (every SAE at each, one read of the
+    rows for all); empty: the cache's only layer."""
     follow: bool = False
     """Train from a cache that a harvest is still writing (another process, torchrun, s3), reading each
     chunk once it is committed. The first pass takes blocks of chunks in harvest order, the first chunk(s)
     are held out and the input set-up samples the first chunks: the same run whenever the harvest ends."""
     follow_timeout: float = setting(600.0, positive=True)
     """Seconds --follow waits for a harvest to create the cache before giving up."""
+    stream: bool = False
+    """Train straight from the LM: pipeline.toml's [harvest] (with --model, --dataset, ... and this
+    --layer and --tokens) harvests into a bounded window in memory that training follows; nothing is
+    written but the run directories (and the cache, with --keep-cache)."""
+    stream_window: int = setting(0, at_least=0)
+    """Rows a stream holds in memory at most, harvested and not yet in the shuffle buffer; 0: two
+    blocks of buffer_chunks chunks and the held-out chunks (docs/training.md measures peak memory)."""
+    keep_cache: bool = False
+    """--stream: write the harvest to its cache on disk as well (reusable, and more passes possible)."""
     tokens: int | None = setting(None, positive=True)
     """Training tokens per SAE, at most `epochs` passes' worth; None: all of them (paper: 1e9, one pass)."""
     epochs: float = setting(1.0, positive=True)
@@ -160,25 +173,25 @@ class TrainConfig:
     """W&B project to log to (needs `pip install wandb`); None: no W&B."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "arch",
-            "k",
-            "dict_size",
-            "l0_coeff",
-            "l1_coeff",
-            "matryoshka_widths",
-            "betas",
-            "sweep",
-            "snapshots",
-        ):
+        tuples = ("arch", "k", "dict_size", "l0_coeff", "l1_coeff", "matryoshka_widths", "betas", "sweep", "snapshots")
+        for name in tuples:
             setattr(self, name, tuple(getattr(self, name)))
+        # one layer may be given as an int; a config saved before sweeps over layers says null
+        self.layer = (self.layer,) if isinstance(self.layer, int) else tuple(self.layer or ())
         validate(self)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 < self.theta_tail <= 1:
             raise UserError(f"theta_tail must be in (0, 1], got {self.theta_tail}")
         check_gate_norm(self.gate_norm)
+        if self.stream and self.epochs > 1 and not self.keep_cache:
+            raise UserError(f"a stream is read once: epochs {self.epochs:g} needs --keep-cache (or one pass)")
         self.specs()  # validates every SAE of the sweep
+
+    @property
+    def harvest_order(self) -> bool:
+        """The first pass takes blocks of chunks in harvest order: following a harvest, or a stream."""
+        return self.follow or self.stream
 
     def specs(self) -> list[SAESpec]:
         """The SAEs of this sweep, in a fixed order, each validated."""

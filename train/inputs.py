@@ -24,16 +24,22 @@ class InputSetup(NamedTuple):
     def record(self, normalize: str) -> dict[str, Any]:
         return {"normalize": normalize, "scale": self.scale, "gated_fraction_sample": self.gated_fraction}
 
+    @staticmethod
+    def from_record(saved: dict[str, Any]) -> "InputSetup":
+        """The set-up a run recorded (cfg.json's "input" and its gate): b_dec's start is in its weights."""
+        gate = Gate.from_record(saved["gate"])
+        return InputSetup(gate, saved["input"]["scale"], saved["input"]["gated_fraction_sample"], None)
+
 
 def input_setup(cfg: TrainConfig, cache: Cache, layer: int, train_chunks: list[int]) -> InputSetup:
     """From a sample of the training chunks spread over the cache (and the cache's exact statistics where
     no gate removes rows); following a harvest, from its first chunks alone, whatever else is committed,
     so that the run does not depend on how far the harvest had got."""
-    sampled = train_chunks[:NORM_SAMPLE_CHUNKS] if cfg.follow else None
+    sampled = train_chunks[:NORM_SAMPLE_CHUNKS] if cfg.harvest_order else None
     gate = build_gate(cache, layer, cfg.gate_bos, cfg.gate_first, cfg.gate_norm, sampled)
     train_chunks = sampled or train_chunks
     sample_RD = None
-    if gate.empty and not cfg.follow:  # the cache's exact statistics
+    if gate.empty and not cfg.harvest_order:  # the cache's exact statistics
         mean_norm, gated_fraction = cache.stats(layer)["mean_norm"], 0.0
     else:
         sample_RD, gated_fraction = sample_kept_rows(cache, layer, train_chunks, gate)

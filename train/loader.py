@@ -5,7 +5,7 @@ W-th), `buffer_chunks` at a time: a block. Following a harvest (--follow), the f
 harvest order instead, so that a block can start as soon as its chunks are committed; reads of chunks
 not committed yet wait for them (sae.cache.follow). Background threads decode the next block's chunks while
 the current one is served; a block's kept rows are drawn in a seeded random permutation, batch by
-batch. A position (epoch, block, batch) fixes everything that follows, so it is the whole resume
+batch. Several layers are read together: each batch holds the same rows at every layer. A position (epoch, block, batch) fixes everything that follows, so it is the whole resume
 state. A block's last rows that do not fill a batch are skipped (< 1 batch per block).
 """
 
@@ -20,32 +20,34 @@ import torch
 from sae.cache.codecs import StoredRows, decode_rows
 from sae.cache.follow import Follower
 from sae.cache.store import Cache
+from sae.cache.window import Window
 from sae.errors import UserError
 from sae.train.gate import Gate, kept_rows
 
 
 class Loader:
-    """Iterate to get [batch_size, d] float32 batches on `device`; `position` is the resume state."""
+    """Iterate to get batches {layer: [batch_size, d] float32 on `device`}; `position` is the resume state."""
 
-    def __init__(self, cache: Cache, layer: int, chunks: list[int], batch_size: int, seed: int,
+    def __init__(self, cache: Cache, layers: list[int], chunks: list[int], batch_size: int, seed: int,
                  gate: Gate = Gate(), buffer_chunks: int = 32, threads: int = 4,
                  device: torch.device = torch.device("cpu"), rank: int = 0, world: int = 1,
                  position: dict | None = None, harvest_order: bool = False,
-                 follower: Follower | None = None):  # fmt: skip
+                 follower: Follower | None = None, window: Window | None = None):  # fmt: skip
         per_rank = len(chunks) // world  # equal shares keep ranks in step
         if per_rank == 0:
             raise UserError(f"{len(chunks)} training chunks cannot be shared by {world} ranks; harvest more")
-        self.cache, self.layer, self.chunks, self.batch_size = cache, layer, sorted(chunks), batch_size
+        self.cache, self.layers, self.chunks, self.batch_size = cache, layers, sorted(chunks), batch_size
         self.seed, self.gate, self.buffer_chunks = seed, gate, buffer_chunks
         self.rank, self.world, self.per_rank, self.device = rank, world, per_rank, device
-        self.harvest_order, self.follower = harvest_order, follower
+        self.harvest_order, self.follower, self.window = harvest_order, follower, window
         self.position = dict(position or {"epoch": 0, "block": 0, "batch": 0})
         self.reads = 0  # chunks read, for the one-read-per-batch test and the benchmark
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sae-chunk")
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._dim_scale = cache.dim_scale(layer, device)  # int8 rows decode on the device: kept there
+        # int8 rows decode on the device: the dimension scales are kept there
+        self._dim_scales = {layer: cache.dim_scale(layer, device) for layer in layers}
 
     def block_chunks(self, epoch: int, block: int) -> list[int]:
         if self.harvest_order and epoch == 0:
@@ -54,6 +56,12 @@ class Loader:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
         share = order[self.rank : self.per_rank * self.world : self.world]
         return share[block * self.buffer_chunks : (block + 1) * self.buffer_chunks].tolist()
+
+    def stream_point(self) -> dict:
+        """Where a stream must start again to go on from `position`: its block's first chunk and the
+        token stream there (the first pass only: a stream is read once)."""
+        chunk = self.block_chunks(self.position["epoch"], self.position["block"])[0]
+        return {"chunk": chunk, "stream": self.window.stream_start(chunk)}
 
     def n_blocks(self) -> int:
         return -(-self.per_rank // self.buffer_chunks)
@@ -73,10 +81,10 @@ class Loader:
         decode = self.device.type != "cuda"
         return [self._pool.submit(self._read, c, decode) for c in self.block_chunks(epoch, block)]
 
-    def _read(self, chunk: int, decode: bool) -> StoredRows:
+    def _read(self, chunk: int, decode: bool) -> dict[int, StoredRows] | None:
         if self.follower is not None and not self.follower.wait_for([chunk]):
-            return StoredRows(None, None)  # closed while waiting: nothing will use it
-        return kept_rows(self.cache, self.layer, chunk, self.gate, decode)
+            return None  # closed while waiting: nothing will use it
+        return {layer: kept_rows(self.cache, layer, chunk, self.gate, decode) for layer in self.layers}
 
     def _produce(self) -> None:
         """Producer thread: gathers batches (into pinned memory on CUDA) and queues them in order."""
@@ -85,17 +93,20 @@ class Loader:
         try:
             for epoch, block, futures in self._blocks():
                 parts = [f.result() for f in futures]
-                rows = StoredRows(*(torch.cat(p) if p[0] is not None else None for p in zip(*parts, strict=True)))
-                n_batches = len(rows.values_RD) // self.batch_size
+                if self.window is not None:  # a stream's rows are in the buffer now: free the window
+                    self.window.release(self.cache, self.block_chunks(epoch, block))
+                rows = {layer: _concat([part[layer] for part in parts]) for layer in self.layers}
+                n_batches = len(rows[self.layers[0]].values_RD) // self.batch_size
                 empty_blocks = 0 if n_batches else empty_blocks + 1
                 if empty_blocks > self.n_blocks():
                     raise UserError(
                         f"no training batch of {self.batch_size} rows fits the kept rows; lower --batch-size"
                     )
-                perm_R = torch.from_numpy(np.random.default_rng([self.seed, epoch, block, 1]).permutation(len(rows[0])))
+                n_rows = len(rows[self.layers[0]].values_RD)
+                perm_R = torch.from_numpy(np.random.default_rng([self.seed, epoch, block, 1]).permutation(n_rows))
                 for batch in range(first_batch, n_batches):
                     idx = perm_R[batch * self.batch_size : (batch + 1) * self.batch_size]
-                    x = StoredRows(*(_gather(part, idx, pinned) if part is not None else None for part in rows))
+                    x = {layer: _gather_rows(layer_rows, idx, pinned) for layer, layer_rows in rows.items()}
                     nxt = (epoch, block, batch + 1) if batch + 1 < n_batches else self._after(epoch, block)
                     self._put((x, nxt))
                     if self._stop.is_set():
@@ -117,7 +128,7 @@ class Loader:
     def __iter__(self) -> "Loader":
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> dict[int, torch.Tensor]:
         if self._thread is None:
             self._thread = threading.Thread(target=self._produce, daemon=True, name="sae-loader")
             self._thread.start()
@@ -127,7 +138,7 @@ class Loader:
         self.position = dict(zip(("epoch", "block", "batch"), nxt, strict=True))
         # A pinned host tensor lets the copy overlap compute; each batch has its own pinned buffer
         # (recycled by torch's caching host allocator only once the copy is done).
-        return decode_rows(x.to(self.device), self._dim_scale).float()
+        return {layer: decode_rows(rows.to(self.device), self._dim_scales[layer]).float() for layer, rows in x.items()}
 
     def close(self) -> None:
         self._stop.set()
@@ -136,6 +147,15 @@ class Loader:
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _concat(parts: list[StoredRows]) -> StoredRows:
+    """A block's chunks' rows as one (values, and scales where stored)."""
+    return StoredRows(*(torch.cat(p) if p[0] is not None else None for p in zip(*parts, strict=True)))
+
+
+def _gather_rows(rows: StoredRows, idx: torch.Tensor, pinned: bool) -> StoredRows:
+    return StoredRows(*(_gather(part, idx, pinned) if part is not None else None for part in rows))
 
 
 def _gather(rows: torch.Tensor, idx: torch.Tensor, pinned: bool) -> torch.Tensor:

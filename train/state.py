@@ -71,9 +71,10 @@ class TrainState:
     architectures with a calibrated θ) and its dead count; `step` steps done, and this rank's loader
     position to go on from (None: the start)."""
 
-    def __init__(self, cfg: TrainConfig, specs: list[SAESpec], d_in: int, setup: InputSetup, steps: int,
+    def __init__(self, cfg: TrainConfig, specs: list[SAESpec], d_in: int, setups: list[InputSetup], steps: int,
                  device: torch.device):  # fmt: skip
-        self.saes = [make_sae(cfg, spec, d_in, device, setup) for spec in specs]
+        """setups: each SAE's input set-up (its layer's)."""
+        self.saes = [make_sae(cfg, spec, d_in, device, setup) for spec, setup in zip(specs, setups, strict=True)]
         self.opts = [make_optimizer(cfg, sae) for sae in self.saes]
         self.models = [torch.compile(sae) if cfg.compile else sae for sae in self.saes]
         self.thetas = [

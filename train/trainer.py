@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from sae.cache.follow import Follower, wait_for_cache
 from sae.cache.store import Cache, open_cache
+from sae.cache.window import Window
 from sae.config import to_jsonable
 from sae.device import resolve_device
 from sae.errors import UserError
@@ -21,6 +22,7 @@ from sae.progress import console, make_progress
 from sae.train import rundir
 from sae.train.config import TrainConfig
 from sae.train.holdout import HeldOut, batches, evaluate_heldout, heldout_rows
+from sae.train.inputs import InputSetup
 from sae.train.loader import Loader
 from sae.train.metrics import MetricsLog
 from sae.train.plan import Plan, plan_training
@@ -28,38 +30,42 @@ from sae.train.state import DeadLatents, TrainState
 from sae.train.theta import calibrate_theta
 from sae.versions import library_versions
 
-OnBatch = Callable[[TrainState, torch.Tensor], torch.Tensor]
+OnBatch = Callable[[TrainState, dict[int, torch.Tensor]], dict[int, torch.Tensor]]
 
 
 def run_training(cfg: TrainConfig, cache: "str | Path | Cache", resume: bool = False,
-                 on_batch: OnBatch | None = None) -> list[Path]:  # fmt: skip
+                 on_batch: OnBatch | None = None, window: Window | None = None,
+                 source: dict | None = None) -> list[Path]:  # fmt: skip
     """Train every SAE of cfg's sweep on the same batches; returns their run directories. Resuming a
-    finished sweep changes nothing. on_batch(state, x_BD) sees the state and each batch before the SAEs
-    step on it (state.step: the step about to run) and returns what they get: tests inject faults and
-    read the SAEs through it."""
+    finished sweep changes nothing. on_batch(state, batch) sees the state and each batch ({layer:
+    x_BD}) before the SAEs step on it (state.step: the step about to run) and returns what they get:
+    tests inject faults and read the SAEs through it. window: the cache is a stream's, written by a harvest in this process
+    (the trainer frees each block from it once read, and checkpoints say where the stream stood);
+    source: what made the stream, recorded in cfg.json."""
     world, rank = start_ranks(cfg)
     device = resolve_device(cfg.device)
     configure_backend(device, cfg.precision)
     follower = None
     if not isinstance(cache, Cache):
-        cache = wait_for_cache(str(cache), cfg.follow_timeout) if cfg.follow else open_cache(cache)
-    if cfg.follow and cache.complete:
+        cache = wait_for_cache(str(cache), cfg.follow_timeout) if cfg.harvest_order else open_cache(cache)
+    if cfg.harvest_order and cache.complete:
         console.print(f"cache {cache.path} is complete: nothing to wait for (--follow keeps its order of chunks)")
-    elif cfg.follow:
-        follower = Follower(cache)
-    plan = plan_training(cfg, cache, world, follower)
-    state = TrainState(cfg, plan.specs, plan.cache.d_model, plan.setup, plan.steps, device)
+    elif cfg.harvest_order:
+        follower = Follower(cache, window=window)
+    plan = plan_training(cfg, cache, world, follower, saved_setups(cfg) if resume else None)
+    plan = plan._replace(source=source)
+    setups = [plan.setups[layer] for layer in plan.sae_layers]
+    state = TrainState(cfg, plan.specs, plan.cache.d_model, setups, plan.steps, device)
     if not start_or_resume(state, plan, resume, rank, device):
         return plan.run_dirs
+    gate = setups[0].gate  # one gate: it names the same rows at every layer
     loader = Loader(
-        plan.cache, plan.layer, plan.train_chunks, cfg.batch_size, cfg.seed, plan.setup.gate, cfg.buffer_chunks,
-        cfg.loader_threads, device, rank, world, state.position, harvest_order=cfg.follow, follower=follower,
+        plan.cache, plan.layers, plan.train_chunks, cfg.batch_size, cfg.seed, gate, cfg.buffer_chunks,
+        cfg.loader_threads, device, rank, world, state.position, cfg.harvest_order, follower, window,
     )  # fmt: skip
-    held = (
-        heldout_rows(plan.cache, plan.layer, plan.held_chunks, plan.setup.gate)
-        if rank == 0 and plan.held_chunks
-        else None
-    )
+    held = {}
+    if rank == 0 and plan.held_chunks:
+        held = {layer: heldout_rows(plan.cache, layer, plan.held_chunks, gate) for layer in plan.layers}
     wandb_run = _wandb(cfg, [s.name for s in plan.specs]) if rank == 0 else None
     log = MetricsLog(plan.run_dirs, device, state.step, plan.tokens_per_step, wandb_run, write=rank == 0)
     try:
@@ -68,38 +74,41 @@ def run_training(cfg: TrainConfig, cache: "str | Path | Cache", resume: bool = F
         loader.close()
     if rank == 0:
         for i, run_dir in enumerate(plan.run_dirs):
-            log.final(run_dir, plan.steps, save_complete_run(cfg, plan, state, i, held, run_dir))
+            log.final(
+                run_dir, plan.steps, save_complete_run(cfg, plan, state, i, held.get(plan.sae_layers[i]), run_dir)
+            )
     if wandb_run is not None:
         wandb_run.finish()
     return plan.run_dirs
 
 
-def train_loop(cfg: TrainConfig, plan: Plan, state: TrainState, loader: Loader, log: MetricsLog, held: HeldOut | None,
-               on_batch: OnBatch | None, rank: int, world: int) -> None:  # fmt: skip
+def train_loop(cfg: TrainConfig, plan: Plan, state: TrainState, loader: Loader, log: MetricsLog,
+               held: dict[int, HeldOut], on_batch: OnBatch | None, rank: int, world: int) -> None:  # fmt: skip
     """Steps from state.step to plan.steps: snapshots, syncs (metrics, the NaN check) and checkpoints."""
     tokens_per_step = plan.tokens_per_step
     with make_progress("tok", quiet=rank != 0) as progress:
         task = progress.add_task(f"train {len(state.saes)} SAE(s)", total=plan.steps * tokens_per_step, status="")
         progress.update(task, completed=state.step * tokens_per_step)
         for step in range(state.step, plan.steps):
-            x_BD = next(loader)
+            batch = next(loader)
             if on_batch is not None:
-                x_BD = on_batch(state, x_BD)
+                batch = on_batch(state, batch)
             for i, (sae, model, opt) in enumerate(zip(state.saes, state.models, state.opts, strict=True)):
-                out = train_step(sae, model, opt, x_BD, cfg, world, state.dead[i])
+                out = train_step(sae, model, opt, batch[plan.sae_layers[i]], cfg, world, state.dead[i])
                 if state.thetas[i] is not None:
                     state.thetas[i].record(step, out.latents)
                 log.add(i, out)
             state.step = done = step + 1
             if done in plan.snapshot_steps and rank == 0:
                 for i, run_dir in enumerate(plan.run_dirs):
-                    save_complete_run(cfg, plan, state, i, held, rundir.snapshot_dir(run_dir, done * tokens_per_step))
+                    snapshot = rundir.snapshot_dir(run_dir, done * tokens_per_step)
+                    save_complete_run(cfg, plan, state, i, held.get(plan.sae_layers[i]), snapshot)
             if done % cfg.log_every and done % cfg.checkpoint_every and done != plan.steps:
                 continue
             status = log.sync(done, state.saes)
             progress.update(task, completed=done * tokens_per_step, status=status)
             if done % cfg.checkpoint_every == 0 or done == plan.steps:
-                checkpoint(cfg, plan, state, loader.position, rank, world)
+                checkpoint(cfg, plan, state, loader, rank, world)
 
 
 def train_step(sae, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int, dead: DeadLatents):
@@ -158,17 +167,34 @@ def start_or_resume(state: TrainState, plan: Plan, resume: bool, rank: int, devi
     return True
 
 
-def training_record(cfg: TrainConfig, plan: Plan, step: int) -> dict:
-    """cfg.json's record of how far the training got (train.rundir.TRAINING_KEYS)."""
+def saved_setups(cfg: TrainConfig) -> dict[int, InputSetup] | None:
+    """The input set-ups a sweep recorded at its last save, by layer; None before it saved any."""
+    specs, setups = cfg.specs(), {}
+    for path in (Path(cfg.out) / spec.name for spec in specs):
+        saved = rundir.saved_input(path)
+        if saved is None:
+            return None
+        setups.setdefault(saved["layer"], InputSetup.from_record(saved))
+    return setups
+
+
+def training_record(cfg: TrainConfig, plan: Plan, step: int, i: int) -> dict:
+    """cfg.json's record of how far SAE i's training got (train.rundir.TRAINING_KEYS)."""
     tokens = step * plan.tokens_per_step
-    return {
-        "step": step, "tokens": tokens, "epochs": tokens / plan.pass_rows, "input": plan.setup.record(cfg.normalize),
-        "train_config": to_jsonable(cfg), "versions": library_versions(),
+    record = {
+        "step": step, "tokens": tokens, "epochs": tokens / plan.pass_rows,
+        "input": plan.setups[plan.sae_layers[i]].record(cfg.normalize), "train_config": to_jsonable(cfg),
+        "versions": library_versions(),
     }  # fmt: skip
+    return record if plan.source is None else {**record, "stream": plan.source}
 
 
-def checkpoint(cfg: TrainConfig, plan: Plan, state: TrainState, position: dict, rank: int, world: int) -> None:
-    """Every run's checkpoint and its run dir as it stands (with eq. 7's θ between checkpoints); rank 0."""
+def checkpoint(cfg: TrainConfig, plan: Plan, state: TrainState, loader: Loader, rank: int, world: int) -> None:
+    """Every run's checkpoint and its run dir as it stands (with eq. 7's θ between checkpoints); rank 0.
+    A stream's checkpoint also records where its harvest must start again."""
+    position = loader.position
+    if loader.window is not None and position["epoch"] == 0:
+        position = {**position, "stream": loader.stream_point()}
     positions = [None] * world
     if world > 1:
         dist.all_gather_object(positions, position)
@@ -181,8 +207,8 @@ def checkpoint(cfg: TrainConfig, plan: Plan, state: TrainState, position: dict, 
         if theta is not None:
             sae.theta.fill_(theta.value(state.step))
         rundir.save_checkpoint(run_dir, state.step, state.checkpoint(i, positions))
-        record = {**training_record(cfg, plan, state.step), "theta_source": "eq7" if theta else None}
-        rundir.save_run(run_dir, sae, rundir.run_cfg(sae, rundir.cache_record(plan.cache, plan.layer), record))
+        record = {**training_record(cfg, plan, state.step, i), "theta_source": "eq7" if theta else None}
+        rundir.save_run(run_dir, sae, rundir.run_cfg(sae, rundir.cache_record(plan.cache, plan.sae_layers[i]), record))
 
 
 def save_complete_run(
@@ -205,8 +231,8 @@ def save_complete_run(
             **evaluate_heldout(sae, held, cfg.batch_size, device),
             "dead_frac": float(sae.dead_fraction()),
         }
-    training = {**training_record(cfg, plan, state.step), **record}
-    rundir.save_run(run_dir, sae, rundir.run_cfg(sae, rundir.cache_record(plan.cache, plan.layer), training))
+    training = {**training_record(cfg, plan, state.step, i), **record}
+    rundir.save_run(run_dir, sae, rundir.run_cfg(sae, rundir.cache_record(plan.cache, plan.sae_layers[i]), training))
     return record
 
 
