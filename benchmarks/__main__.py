@@ -3,11 +3,13 @@
     python -m benchmarks                              # embedded SmolLM2 layer 6; CPU-sized training shapes
     python -m benchmarks --gpt2-small --tokens 1e6 --batch-contexts 256 --model-dtype bfloat16
                                                       # GPT-2 small's shape, random weights, layer 8 (a GPU)
+    python -m benchmarks --tiny [--model DIR]         # every script's tiny mode, a tiny GPT-2 (built unless given)
 
 Prints each script's own report, then one summary table of ratios (each measured against its
 baseline in the same run, on the same device) and one JSON line with everything.
 benchmarks/parity.py needs a real cache and minutes of training; it runs on its own:
-`python -m benchmarks.parity --cache PATH`.
+`python -m benchmarks.parity --cache PATH`. --tiny: each script at its tiny sizes (its TINY), in seconds:
+it checks that every figure is produced (tests/test_benchmarks.py); at those sizes the figures mean little.
 """
 
 import argparse
@@ -21,35 +23,76 @@ from benchmarks import harvest, latents, models, saelens, select, train
 from sae.config import parse_count
 
 
-def main() -> None:
+def measure_all(args, model: str) -> dict:
+    """Every script's figures on this model; each script at its own tiny sizes (its TINY) with --tiny."""
+    sizes = script_sizes(args)
+    results = {"harvest": harvest.measure(model, model_dtype=args.model_dtype, **sizes["harvest"])}
+    if not args.tiny:
+        sizes["eval"]["layers"] = early_and_late(results["harvest"]["n_layers"], args.gpt2_small)
+    results.update(
+        train=train.measure(tiny=args.tiny),
+        latents=latents.measure(**sizes["latents"]),
+        select=select.measure(tiny=args.tiny),
+        eval=evaluation.measure(model, **sizes["eval"]),
+    )
+    if importlib.util.find_spec("sae_lens") is not None:  # the optional extra: pip install -e ".[saelens]"
+        results["saelens"] = saelens.measure(**sizes["saelens"])
+    return results
+
+
+def script_sizes(args) -> dict[str, dict]:
+    """measure()'s sizes for harvest, latents, eval and saelens: their TINY with --tiny; the harvest's flags win."""
+    if args.tiny:
+        sizes = {"harvest": harvest.TINY, "latents": latents.TINY, "eval": evaluation.TINY, "saelens": saelens.TINY}
+    else:
+        # the inspect pass: SmolLM2's d and the demo's m; GPT-2 small's d and an m of 24k on a GPU
+        inspect_shape = {"d": 768, "m": 24_576, "k": 32, "rows": 1 << 18} if args.gpt2_small else {}
+        harvest_sizes = {"layer": 8 if args.gpt2_small else 6, "tokens": 32768, "batch_contexts": 32}
+        sizes = {"harvest": harvest_sizes, "latents": inspect_shape, "eval": {}, "saelens": {}}
+    given = {
+        "layer": args.layer,
+        "tokens": args.tokens and parse_count(args.tokens),
+        "batch_contexts": args.batch_contexts,
+    }
+    sizes = {name: dict(script) for name, script in sizes.items()}  # copies: TINY stays as it is
+    sizes["harvest"].update((key, value) for key, value in given.items() if value is not None)
+    return sizes
+
+
+def early_and_late(n_layers: int, gpt2_small: bool) -> tuple[int, int]:
+    """An early and a late layer, where evaluation's shared prefix is short, then long: 3 and 24 of SmolLM2's
+    30 (n/10 and 4n/5 of another model's n), 2 and 8 of GPT-2 small's 12."""
+    return (2, 8) if gpt2_small else (n_layers // 10, 4 * n_layers // 5)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="model id or local directory")
-    parser.add_argument("--layer", type=int, default=None, help="default: 6, or 8 with --gpt2-small")
+    parser.add_argument("--tiny", action="store_true", help="every script at its tiny sizes, on a tiny GPT-2")
+    parser.add_argument("--model", default=None, help="model id or local directory (default: smollm2-135m)")
+    parser.add_argument("--layer", type=int, default=None, help="default: 6; 8 with --gpt2-small; --tiny: 1")
     parser.add_argument(
         "--gpt2-small", action="store_true", help="a random-weight model of GPT-2 small's shape (offline)"
     )
-    parser.add_argument("--tokens", default="32768", help="harvested tokens, e.g. 1e6")
+    parser.add_argument("--tokens", default=None, help="harvested tokens, e.g. 1e6 (default: 32768; --tiny: 2048)")
     parser.add_argument("--model-dtype", default="float32")
-    parser.add_argument("--batch-contexts", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--batch-contexts", type=int, default=None, help="contexts per forward (default: 32; --tiny: 4)"
+    )
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(models.gpt2_small_shaped(Path(tmp))) if args.gpt2_small else args.model
-        layer = args.layer if args.layer is not None else (8 if args.gpt2_small else 6)
-        results = {
-            "harvest": harvest.measure(
-                model, layer, parse_count(args.tokens), "auto", args.model_dtype, args.batch_contexts
-            ),
-            "train": train.measure(),
-            # the inspect pass: SmolLM2's d and the demo's m; GPT-2 small's d and an m of 24k on a GPU
-            "latents": latents.measure(768, 24_576, 32, 1 << 18) if args.gpt2_small else latents.measure(),
-            "select": select.measure(),
-            # an early and a late layer: the shared prefix is short, then long
-            "eval": evaluation.measure(model, (2, 8) if args.gpt2_small else (3, 24)),
-        }
-        if importlib.util.find_spec("sae_lens") is not None:  # the optional extra: pip install -e ".[saelens]"
-            results["saelens"] = saelens.measure()
+        if args.gpt2_small:
+            results = measure_all(args, str(models.gpt2_small_shaped(Path(tmp))))
+        else:
+            with models.model_or_tiny(args.model, args.tiny) as model:
+                results = measure_all(args, model)
     if args.gpt2_small:
         results["harvest"]["model"] = "gpt2-small-shaped (random weights)"
+    report_all(results)
+    print(json.dumps(results))
+
+
+def report_all(results: dict) -> None:
+    """Each script's own report, then the summary table of ratios."""
     harvest.report(results["harvest"])
     print()
     train.report(results["train"])
@@ -97,7 +140,6 @@ def main() -> None:
     print(f"{'figure':42} {'ratio':>7}  absolute")
     for name, ratio, absolute in rows:
         print(f"{name:42} {ratio:6.2f}x  {absolute}")
-    print(json.dumps(results))
 
 
 if __name__ == "__main__":

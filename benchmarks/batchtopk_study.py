@@ -3,24 +3,31 @@
     python -m benchmarks.batchtopk_study train --cache CACHE --out DIR    # every treatment, resumable
     python -m benchmarks.batchtopk_study eval --out DIR                    # sae eval of every run and snapshot
     python -m benchmarks.batchtopk_study report --out DIR --docs docs/study
+    python -m benchmarks.batchtopk_study {train,eval,report} --tiny --out DIR   # each stage in seconds
 
 Each treatment is one `sae train` of a BatchTopK and a TopK SAE on the same batches, with snapshots
 along the way (learning curves from one run); every run and snapshot is then evaluated with the same
 evaluation gate (rows above 4× the median norm pass through and leave the reconstruction metrics), so
 all treatments are scored on the same ordinary rows, and also at every position. The commands are the
 ones a user would type; this file only runs them and collects their outputs.
+
+--tiny: treatment b only, k 8, m 128, batch 256, two passes with a snapshot after the first, 512 evaluation
+tokens, the report in DIR/docs, the commands run in this process (benchmarks/sae_cli.py); without --cache,
+the train stage first harvests 8,192 tokens of layer 1 of a tiny GPT-2 (--model, or the tests' shape built
+in DIR/tiny-gpt2: evaluation loads it again) in chunks of 1,024.
 """
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks import sae_cli  # noqa: E402
+from benchmarks.models import tiny_gpt2  # noqa: E402
 
 # (name, what it is, sae train flags)
 TREATMENTS = {
@@ -33,15 +40,33 @@ TREATMENTS = {
     "d": ("norm gate 4× the median", ["--normalize", "scale", "--gate-norm", "4"]),
 }
 EVAL_GATE_NORM = "4"
+# --tiny: 7 training chunks of 1,024 rows; two passes of them, the first snapshotted
+TINY = {
+    "treatments": "b", "k": 8, "dict_size": 128, "batch_size": 256, "tokens": 2 * 7168, "snapshots": "7168",
+    "eval_tokens": 512,
+}  # fmt: skip
+TINY_HARVEST = ("--layer", "1", "--tokens", "8192", "--chunk-contexts", "8")
 
 
-def sae(*args: str) -> None:
-    print("+ sae", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "sae", *args], check=True)
+def sae(*args: str, in_process: bool = False) -> str:
+    """Run one `sae` command (in this process: --tiny), printing what it prints; returns its stdout."""
+    out = sae_cli.sae(*args, in_process=in_process)
+    print(out, end="")
+    return out
+
+
+def tiny_cache(out: Path, model: str | None) -> Path:
+    """A cache of a tiny model's activations, harvested under out (the model too, unless given)."""
+    if model is None:
+        model = str(out / "tiny-gpt2")
+        if not (out / "tiny-gpt2" / "config.json").exists():
+            tiny_gpt2(out / "tiny-gpt2")
+    harvest = sae("harvest", "--model", model, *TINY_HARVEST, "--cache-dir", str(out / "caches"), in_process=True)
+    return Path(harvest.split()[-1])
 
 
 def train(cache: Path, out: Path, treatments: list[str], k: int, dict_size: int, batch_size: int,
-          tokens: int, snapshots: str) -> None:  # fmt: skip
+          tokens: int, snapshots: str, in_process: bool = False) -> None:  # fmt: skip
     for name in treatments:
         run_parent = out / f"{name}_k{k}_m{dict_size}"
         flags = TREATMENTS[name][1]
@@ -49,12 +74,12 @@ def train(cache: Path, out: Path, treatments: list[str], k: int, dict_size: int,
         if all((r / "cfg.json").exists() and "heldout" in (r / "cfg.json").read_text() for r in runs):
             continue  # finished
         if any(r.exists() for r in runs):
-            sae("train", "--resume", str(runs[0]))
+            sae("train", "--resume", str(runs[0]), in_process=in_process)
             continue
         sae(
             "train", "--cache", str(cache), "--arch", "batchtopk,topk", "--k", str(k), "--dict-size", str(dict_size),
             "--batch-size", str(batch_size), "--tokens", str(tokens), "--epochs", "7", "--snapshots", snapshots,
-            "--checkpoint-every", "500", "--out", str(run_parent), *flags,
+            "--checkpoint-every", "500", "--out", str(run_parent), *flags, in_process=in_process,
         )  # fmt: skip
 
 
@@ -64,11 +89,11 @@ def run_dirs(out: Path) -> list[Path]:
     return finals + [p.parent for p in sorted(out.glob("*/*/snapshots/*/cfg.json"))]
 
 
-def evaluate(out: Path, tokens: int) -> None:
+def evaluate(out: Path, tokens: int, in_process: bool = False) -> None:
     """One `sae eval` for all runs: they share a cache, so they share the clean and ablated passes."""
     todo = [d for d in run_dirs(out) if not (d / "eval.json").exists()]
     if todo:
-        sae("eval", *map(str, todo), "--gate-norm", EVAL_GATE_NORM, "--tokens", str(tokens))
+        sae("eval", *map(str, todo), "--gate-norm", EVAL_GATE_NORM, "--tokens", str(tokens), in_process=in_process)
 
 
 METRICS = (  # eval.json key, where, label
@@ -143,7 +168,9 @@ def report(out: Path, docs: Path) -> None:
     (docs / "table.md").write_text("\n".join(lines) + "\n")
     plot_gaps(gap_rows, docs / "gap_vs_tokens.png")
     plot_against_l0(rows, docs / "figure1.png")
+    print("\n".join(lines))
     print(docs)
+    print(json.dumps({"rows": rows, "gaps": gap_rows}))
 
 
 def setting(rows: list[dict]) -> str:
@@ -211,12 +238,14 @@ def plot_metrics(path: Path, lines: dict[str, list[dict]], x_of, xlabel: str, ti
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["train", "eval", "report"])
-    parser.add_argument("--cache", type=Path)
+    parser.add_argument("--tiny", action="store_true", help=f"the defaults below become {TINY}")
+    parser.add_argument("--cache", type=Path, help="required to train, unless --tiny (then: a tiny harvest)")
+    parser.add_argument("--model", default=None, help="--tiny without --cache: the model to harvest")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--docs", type=Path, default=Path("docs/study"))
+    parser.add_argument("--docs", type=Path, default=None, help="default: docs/study (--tiny: OUT/docs)")
     parser.add_argument("--treatments", default="dabc")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--dict-size", type=int, default=4608)
@@ -224,14 +253,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=6 * 983_040)
     parser.add_argument("--snapshots", default="983040,1966080,2949120,3932160")
     parser.add_argument("--eval-tokens", type=int, default=16_384)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:  # flags given with --tiny still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
     if args.stage == "train":
-        train(args.cache, args.out, list(args.treatments), args.k, args.dict_size, args.batch_size, args.tokens,
-              args.snapshots)  # fmt: skip
+        if args.cache is None and not args.tiny:
+            parser.error("train needs --cache (or --tiny, for a tiny harvest)")
+        cache = args.cache or tiny_cache(args.out, args.model)
+        train(cache, args.out, list(args.treatments), args.k, args.dict_size, args.batch_size, args.tokens,
+              args.snapshots, in_process=args.tiny)  # fmt: skip
     elif args.stage == "eval":
-        evaluate(args.out, args.eval_tokens)
+        evaluate(args.out, args.eval_tokens, in_process=args.tiny)
     else:
-        report(args.out, args.docs)
+        report(args.out, args.docs or (args.out / "docs" if args.tiny else Path("docs/study")))
 
 
 if __name__ == "__main__":

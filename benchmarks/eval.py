@@ -2,6 +2,7 @@
 
     python -m benchmarks.eval                                   # SmolLM2-135M, layers 3 and 24 of 30
     python -m benchmarks.eval --tokens 8192 --batch-size 16     # more text
+    python -m benchmarks.eval --tiny [--model DIR]              # a tiny GPT-2 (built unless given): seconds
 
 "full" is the evaluation as it was before the passes shared their prefix: every spliced pass (zero and
 mean ablation, each SAE variant) runs the whole model; "prefix" is `sae eval` now (evaluate.splice).
@@ -23,6 +24,7 @@ import torch
 
 import sae.evaluate.evaluate as evaluate_module
 import sae.evaluate.splice as splice
+from benchmarks.models import model_or_tiny
 from sae.cache.store import open_cache
 from sae.device import resolve_device
 from sae.evaluate.config import EvalConfig
@@ -32,6 +34,10 @@ from sae.harvest.model import load_model
 from sae.train.config import SAESpec
 from sae.train.rundir import cache_record, run_cfg, save_run
 from sae.train.sae import SparseAutoencoder
+
+# --tiny: a tiny GPT-2 (benchmarks.models; built for the run unless --model), its blocks 1 and 2 of 3, one SAE of
+# m 128 (at these sizes the plots of eval.json's report are most of an evaluation's time)
+TINY = {"layers": (1, 2), "counts": (1,), "tokens": 512, "m": 128}
 
 
 @contextlib.contextmanager
@@ -121,17 +127,26 @@ def report(r: dict) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--layers", default="3,24", help="comma-separated: an early and a late layer")
-    parser.add_argument("--saes", default="2,6", help="comma-separated SAE counts")
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help=f"the defaults below become {TINY}")
+    parser.add_argument("--model", default=None, help="default: smollm2-135m (--tiny: a tiny GPT-2 built for the run)")
+    parser.add_argument("--layers", type=ints, default=(3, 24), help="comma-separated: an early and a late layer")
+    parser.add_argument("--saes", type=ints, default=(2, 6), dest="counts", help="comma-separated SAE counts")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--m", type=int, default=2304, help="latents of each random SAE")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    layers, counts = tuple(map(int, args.layers.split(","))), tuple(map(int, args.saes.split(",")))
-    result = measure(args.model, layers, counts, args.tokens, args.batch_size, device=args.device)
+    args = parser.parse_args(argv)
+    if args.tiny:  # flags given with --tiny still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
+    with model_or_tiny(args.model, args.tiny) as model:
+        result = measure(model, args.layers, args.counts, args.tokens, args.batch_size, args.m, args.device)
     report(result)
     print(json.dumps(result))
 

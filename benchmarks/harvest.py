@@ -1,6 +1,7 @@
 """Harvest speed against a plain full forward, and the storage dtype/codec table behind the defaults.
 
     python -m benchmarks.harvest [--model smollm2-135m] [--layer 6] [--tokens 32768] [--device auto]
+    python -m benchmarks.harvest --tiny [--model DIR]   # a tiny GPT-2 (built unless given), layer 1, 2,048 tokens
 
 Both speeds are measured in this run on the same device and contexts: "plain" is the HF model's full
 forward (all blocks and the LM head, no hooks, nothing written); "harvest" is `sae harvest` on the same
@@ -21,6 +22,7 @@ import torch
 import zarr
 
 from benchmarks.mfu import lm_forward_flops_per_token, peak_flops
+from benchmarks.models import model_or_tiny
 from sae.cache.codecs import (
     DIM_SCALED,
     STORAGE_DTYPES,
@@ -46,6 +48,8 @@ CODECS = [
     "blosc-lz4:5:noshuffle", "blosc-lz4:5:shuffle",
 ]  # fmt: skip
 SCALED_CODECS = ["none", "zstd:1", "blosc-zstd:1:shuffle"]  # 8-bit values: shuffling has nothing to regroup
+# --tiny: a tiny GPT-2 (benchmarks.models; built for the run unless --model), 16 contexts of 128 in forwards of 4
+TINY = {"layer": 1, "tokens": 2048, "batch_contexts": 4}
 
 
 def plain_forward_tok_per_s(loaded: LoadedModel, cfg: HarvestConfig, tokens_CT: np.ndarray, device) -> float:
@@ -206,16 +210,21 @@ def report(r: dict) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tiny", action="store_true", help=f"the defaults below become {TINY}")
+    parser.add_argument("--model", default=None, help="default: smollm2-135m (--tiny: a tiny GPT-2 built for the run)")
     parser.add_argument("--layer", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model-dtype", default="float32")
     parser.add_argument("--batch-contexts", type=int, default=32)
-    args = parser.parse_args()
-    results = measure(args.model, args.layer, args.tokens, args.device, args.model_dtype, args.batch_contexts)
+    args = parser.parse_args(argv)
+    if args.tiny:  # flags given with --tiny still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
+    with model_or_tiny(args.model, args.tiny) as model:
+        results = measure(model, args.layer, args.tokens, args.device, args.model_dtype, args.batch_contexts)
     report(results)
     print(json.dumps(results))
 

@@ -3,8 +3,9 @@
     python -m benchmarks.latents                   # CPU: SmolLM2-135M's d 576, m 2304, k 32, 1M rows
     python -m benchmarks.latents --rows 16384      # the first batches only: every latent's tables filling
     python -m benchmarks.latents --m 24576 --d 768 --batch-rows 65536   # a GPU: GPT-2 small's d, m 24k
+    python -m benchmarks.latents --tiny            # d 64, m 512, k 8, 4,096 rows in batches of 1,024: seconds
 
-Rows are planted sparse features (train.synthetic) in an int8 zstd cache, as harvests write them;
+Rows are planted sparse features (tests/synthetic.py) in an int8 zstd cache, as harvests write them;
 the SAE is a random BatchTopK one with θ calibrated to L0 = k. Three rates, rows/s:
   encode   the SAE's encode (dense latents, as deployed) of batches already in memory: the limit of
            any pass over the rows
@@ -35,6 +36,7 @@ from sae.train.theta import calibrate_theta
 from tests.synthetic import planted_acts, write_cache
 
 CTX_LEN, CHUNK_CONTEXTS = 128, 128
+TINY = {"d": 64, "m": 512, "k": 8, "rows": 4096, "batch_rows": 1024}
 
 
 def timed(fn, device: torch.device) -> float:
@@ -70,8 +72,8 @@ def measure(d: int = 576, m: int = 2304, k: int = 32, rows: int = 1_048_576, bat
 
     def floor_all(n_batches: int = len(batches)) -> None:
         for x in batches[:n_batches]:
-            z_BM = sae.affine(x, out=buffer[: len(x)])
-            z_BM.masked_fill_(z_BM <= sae.threshold_M(), 0.0)
+            z_BM, theta_M = sae.scores(x, out=buffer[: len(x)])  # what encode does, into the buffer
+            z_BM.masked_fill_(z_BM <= theta_M, 0.0)
 
     def update_all(n_batches: int = len(batches)) -> None:
         scanner = Scanner(sae, cfg, CTX_LEN, device)
@@ -115,14 +117,18 @@ def report(r: dict) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help=f"the defaults below become {TINY}")
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--m", type=int, default=2304)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--rows", type=int, default=1_048_576)
     parser.add_argument("--batch-rows", type=int, default=4096)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:  # flags given with --tiny still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
     result = measure(args.d, args.m, args.k, args.rows, args.batch_rows)
     report(result)
     print(json.dumps(result))

@@ -4,6 +4,7 @@ MFU = FLOPs per token × tokens/s ÷ peak. Counts are matmul FLOPs (2 per multip
 convention of nanoGPT's estimate; attention scores use the full T×T square, not the causal half.
 """
 
+import functools
 import time
 
 import torch
@@ -28,15 +29,19 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
             if key in name:
                 return peaks[precision] * 1e12, f"{name} data sheet, {precision}"
         return float("nan"), f"{name}: not in the peak table"
+    return cpu_peak_flops(torch.get_num_threads())
+
+
+@functools.cache  # once a process for each thread count: `python -m benchmarks` asks five times
+def cpu_peak_flops(threads: int) -> tuple[float, str]:
+    """(FLOP/s of a 1024³ fp32 matmul on `threads` threads, the source string); torch must be set to them."""
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
     repeats, start = 20, time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * n**3 * repeats / (
-        time.perf_counter() - start
-    ), f"measured {n}³ fp32 matmul, {torch.get_num_threads()} threads"
+    return 2 * n**3 * repeats / (time.perf_counter() - start), f"measured {n}³ fp32 matmul, {threads} threads"
 
 
 def lm_forward_flops_per_token(block_params: int, head_params: int, n_layers: int, d_model: int, ctx_len: int) -> int:

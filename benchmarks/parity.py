@@ -2,11 +2,12 @@
 
     python -m benchmarks.parity --cache PATH [--layer 6] [--dict-size 4·d] [--k 32] [--tokens 196608]
         [--batch-size 2048] [--archs batchtopk,topk,jumprelu] [--l0-coeff 0.0018] [--seeds 49,50]
+    python -m benchmarks.parity --tiny        # planted rows (d 64) in a synthetic cache, 8 steps of 256: seconds
 
 Per seed, one pass of our Loader over the cache feeds both: `run_training` (ours, normalize =
 "standardize" as the reference, AuxK's dead window = 5 batches as the reference) steps its sweep on
-each batch, and the Loader hands that same batch first to benchmarks/reference.py's ReferenceSAE of
-each arch. Both start from the same W_enc (same seed, the same first draw). Then each SAE is measured
+each batch, and its on_batch hook hands that same batch first to benchmarks/reference.py's ReferenceSAE
+of each arch. Both start from the same W_enc (same seed, the same first draw). Then each SAE is measured
 on the cache chunks run_training held out (trained on by neither): FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on
 raw activations, and mean L0. BatchTopK is shown in its batch form (the B·k largest over each
 held-out batch of B rows: the reference code's only form) and with a scalar θ (ours: the eq. 7 θ it
@@ -27,7 +28,6 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -35,22 +35,33 @@ from benchmarks.reference import ReferenceSAE
 from sae.cache.store import Cache, open_cache
 from sae.train import trainer
 from sae.train.config import TrainConfig
-from sae.train.loader import Loader
-from sae.train.plan import pick_layer
+from sae.train.plan import pick_layers
 from sae.train.rundir import load_sae
+from tests.synthetic import planted_acts, write_cache
+
+# --tiny: 8 steps of 256 rows, and without --cache a synthetic cache of planted rows made for the run
+TINY = {"k": 8, "tokens": 2048, "batch_size": 256}
+TINY_D, TINY_CTX_LEN, TINY_CHUNK_CONTEXTS = 64, 128, 4
 
 
-def feeding(refs: list[ReferenceSAE]):
-    """Patch run_training's Loader so that every batch it hands our trainer also steps the references."""
+def synthetic_cache(root: Path, tokens: int, holdout_chunks: int, k: int) -> str:
+    """A cache of planted rows (d TINY_D) with `tokens` training rows, `holdout_chunks` full chunks after
+    them and a partial last chunk (half a chunk), as a harvest of an uneven token count leaves."""
+    chunk_rows = TINY_CTX_LEN * TINY_CHUNK_CONTEXTS
+    n_rows = -(-tokens // chunk_rows) * chunk_rows + holdout_chunks * chunk_rows + chunk_rows // 2
+    acts_RD = planted_acts(n_rows, TINY_D, 4 * TINY_D, k, seed=0) * 3
+    return write_cache(root, acts_RD, TINY_CTX_LEN, TINY_CHUNK_CONTEXTS)
 
-    class TeeLoader(Loader):
-        def __next__(self) -> torch.Tensor:
-            x_BD = super().__next__()
-            for ref in refs:
-                ref.step(x_BD)
-            return x_BD
 
-    return mock.patch.object(trainer, "Loader", TeeLoader)
+def feeding(refs: list[ReferenceSAE], layer: int) -> trainer.OnBatch:
+    """run_training's on_batch hook: every batch ({layer: x_BD}) our SAEs step on steps the references first."""
+
+    def on_batch(state, batch: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        for ref in refs:
+            ref.step(batch[layer])
+        return batch
+
+    return on_batch
 
 
 @torch.no_grad()
@@ -77,9 +88,10 @@ def run_seed(args, cache: Cache, layer: int, seed: int, out: Path) -> tuple[list
     """Train ours and the reference on one pass, evaluate both: (a row per arch and form, seconds)."""
     B, m, d = args.batch_size, args.dict_size, cache.d_model
     cfg = TrainConfig(
-        arch=tuple(args.archs), k=(args.k,), dict_size=(m,), l0_coeff=(args.l0_coeff[0],), layer=layer,
+        arch=tuple(args.archs), k=(args.k,), dict_size=(m,), l0_coeff=(args.l0_coeff[0],), layer=(layer,),
         tokens=args.tokens, batch_size=B, seed=seed, normalize="standardize", dead_tokens=5 * B,
         holdout_chunks=args.holdout_chunks, device="cpu", out=out / f"seed{seed}",
+        theta="eq7",  # both θ by the same rule: a calibrated one would be chosen on the very rows compared on
     )  # fmt: skip
     steps = args.tokens // B
     refs = {
@@ -87,8 +99,7 @@ def run_seed(args, cache: Cache, layer: int, seed: int, out: Path) -> tuple[list
         for arch in args.archs
     }
     start = time.perf_counter()
-    with feeding(list(refs.values())):
-        run_dirs = trainer.run_training(cfg, cache.path)
+    run_dirs = trainer.run_training(cfg, cache.path, on_batch=feeding(list(refs.values()), layer))
     elapsed = time.perf_counter() - start
     assert all(ref.step_count == steps for ref in refs.values()), f"references saw other than {steps} batches"
 
@@ -106,7 +117,7 @@ def run_seed(args, cache: Cache, layer: int, seed: int, out: Path) -> tuple[list
             rows.append({
                 "seed": seed, "arch": arch, "form": form, "fvu_ours": fvu_ours, "fvu_ref": fvu_ref,
                 "l0_ours": l0_ours, "l0_ref": l0_ref, "dead_ours": report["dead_frac"], "dead_ref": ref.dead_fraction(),
-                "theta_ours": float(ours.threshold_M()[0]) if arch == "batchtopk" else None,
+                "theta_ours": float(ours.arch.threshold_M(ours)[0]) if arch == "batchtopk" else None,
                 "theta_ref": ref_theta, "heldout_chunks": report["chunks"], "heldout_rows": sum(map(len, heldout)),
             })  # fmt: skip
     return rows, elapsed
@@ -128,9 +139,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true", help=f"the defaults below become {TINY}")
+    parser.add_argument("--cache", type=Path, default=None, help="required unless --tiny (then: planted rows)")
     parser.add_argument("--layer", type=int, default=None, help="default: the cache's only layer")
     parser.add_argument("--dict-size", type=int, default=None, help="default: 4 × d_model")
     parser.add_argument("--k", type=int, default=32)
@@ -146,27 +158,44 @@ def main() -> None:
         "--holdout-chunks", type=int, default=2, help="last full cache chunks held out, plus a partial last one"
     )
     parser.add_argument("--out", type=Path, default=None, help="keep our run dirs here (default: a temp dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:  # flags given with --tiny still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
+    if args.cache is None and not args.tiny:
+        parser.error("--cache is required (or --tiny, for a synthetic one)")
     args.archs = args.archs.split(",")
     args.l0_coeff = [float(v) for v in args.l0_coeff.split(",")]
     args.tokens = int(args.tokens)
-    cache = open_cache(args.cache)
-    layer = pick_layer(TrainConfig(layer=args.layer), cache)
-    args.dict_size = args.dict_size or 4 * cache.d_model
-    args.tokens -= args.tokens % args.batch_size
-    print(
-        f"cache {cache.path.name} ({cache.rows:,} rows, {cache.n_chunks} chunks), layer {layer}, d {cache.d_model}, "
-        f"m {args.dict_size}, k {args.k}, B {args.batch_size}, {args.tokens:,} training rows "
-        f"({args.tokens // args.batch_size} steps), jumprelu λ {args.l0_coeff}, torch threads {torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.2f}"
-    )
+    return args
 
-    rows, seconds = [], 0.0
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.cache is None:
+            args.cache = Path(synthetic_cache(Path(tmp) / "caches", args.tokens, args.holdout_chunks, args.k))
+        cache = open_cache(args.cache)
+        (layer,) = pick_layers(TrainConfig(layer=() if args.layer is None else (args.layer,)), cache)
+        args.dict_size = args.dict_size or 4 * cache.d_model
+        args.tokens -= args.tokens % args.batch_size
+        print(
+            f"cache {cache.location.name} ({cache.rows:,} rows, {cache.n_chunks} chunks), layer {layer}, "
+            f"d {cache.d_model}, m {args.dict_size}, k {args.k}, B {args.batch_size}, {args.tokens:,} training rows "
+            f"({args.tokens // args.batch_size} steps), jumprelu λ {args.l0_coeff}, "
+            f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}"
+        )
+        rows, seconds = [], 0.0
         for seed in map(int, args.seeds.split(",")):
             seed_rows, seed_seconds = run_seed(args, cache, layer, seed, args.out or Path(tmp))
             rows, seconds = rows + seed_rows, seconds + seed_seconds
+    summary = summarize(rows)
+    print_tables(rows, summary, seconds)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print(json.dumps({"benchmark": "parity", "config": {**config, "layer": layer}, "rows": rows, "summary": summary}))
 
+
+def print_tables(rows: list[dict], summary: list[dict], seconds: float) -> None:
     print(
         f"\nheld out: chunks {rows[0]['heldout_chunks']}, {rows[0]['heldout_rows']:,} rows; "
         f"FVU on raw activations; Δ = ours − reference"
@@ -180,7 +209,6 @@ def main() -> None:
             f" {r['fvu_ours'] - r['fvu_ref']:+8.4f} {100 * (r['fvu_ours'] / r['fvu_ref'] - 1):+5.1f}%"
             f" {r['l0_ours']:8.1f} {r['l0_ref']:8.1f} {r['dead_ours']:9.3f} {r['dead_ref']:8.3f}{thetas}"
         )
-    summary = summarize(rows)
     print("\nmean over seeds (spread = max − min over seeds, the larger of ours' and the reference's)")
     for s in summary:
         spread = f"{s['seed_spread']:.4f}" if s["seed_spread"] is not None else "n/a"
@@ -190,8 +218,6 @@ def main() -> None:
             f"Δ {s['delta']:+.4f}  spread {spread}  {verdict}"
         )
     print(f"{seconds:.0f} s training both (incl. our trainer's own held-out report)")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    print(json.dumps({"benchmark": "parity", "config": {**config, "layer": layer}, "rows": rows, "summary": summary}))
 
 
 if __name__ == "__main__":

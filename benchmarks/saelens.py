@@ -3,6 +3,7 @@
     pip install -e ".[saelens]"                         # sae-lens 6.54.12
     python -m benchmarks.saelens                        # planted rows; d 576, m 4608, k 32, B 1024
     python -m benchmarks.saelens --cache PATH           # rows of one of our caches (real activations)
+    python -m benchmarks.saelens --tiny                 # d 64, m 512, k 8, B 128, 16 steps: seconds
 
 Ours is `run_training` on a cache holding the rows (the loader, the step, θ, the metrics: the trainer
 as `sae train` runs it, tok/s from its own metrics.jsonl after the first logging window). Theirs is
@@ -35,6 +36,8 @@ from sae.train.trainer import run_training  # noqa: E402
 from tests.synthetic import planted_acts, write_cache  # noqa: E402
 
 CTX_LEN, HELD_BATCHES, LOG_EVERY = 128, 8, 5
+# --tiny: 16 steps, so that two logging windows follow the warm-up one
+TINY = {"steps": 16, "d": 64, "m": 512, "k": 8, "B": 128}
 
 
 def rows(cache: Path | None, n_train: int, n_held: int, d: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,18 +151,23 @@ def report(r: dict) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help=f"the defaults below become {TINY}")
     parser.add_argument("--cache", type=Path, default=None, help="a cache of ours (default: planted rows)")
     parser.add_argument("--steps", type=int, default=48, help="training steps of each SAE")
+    parser.add_argument("--d", type=int, default=576, help="planted rows' width (a cache has its own)")
     parser.add_argument("--m", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1024, dest="B")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:  # flags given with --tiny still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args.cache, args.steps, m=args.m, k=args.k, B=args.batch_size)
+    result = measure(args.cache, args.steps, args.d, args.m, args.k, args.B)
     report(result)
     print(json.dumps(result))
 

@@ -3,6 +3,7 @@
     python -m benchmarks.select                   # the paper's shape and the demo's, this device
     python -m benchmarks.select --quick           # demo shapes only
     python -m benchmarks.select --profile         # + torch.profiler of whole CPU steps at the demo's m 4608
+    python -m benchmarks.select --tiny --profile  # d 64, m 512, k 8, B 256 only (profiled too): seconds (the tests)
 
 "before" is this repo until the threshold path, kept below verbatim: the selection was `flatten().topk(B·k)`
 over the whole batch matrix, then a float64 sort of the kept indices to group them by row, the
@@ -40,6 +41,7 @@ from tests.synthetic import planted_acts
 PAPER = ("paper", 768, 12288, 32, 4096)
 DEMO = (("demo m2304", 576, 2304, 32, 1024), ("demo m4608", 576, 4608, 32, 1024))
 DEMO_B4096 = ("demo B4096", 576, 4608, 32, 4096)
+TINY = ("tiny", 64, 512, 8, 256)
 
 
 def select_before(pre_BM: torch.Tensor, k: int) -> Active:
@@ -172,14 +174,14 @@ def profile_step(d: int, m: int, k: int, B: int, steps: int = 4, top: int = 15) 
     ]
 
 
-def measure(quick: bool = False, steps: int = 2, repeats: int = 3) -> dict:
+def measure(quick: bool = False, steps: int = 2, repeats: int = 3, tiny: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configure_backend(device, "tf32")
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     result.update(
         threads=torch.get_num_threads(), load_average=os.getloadavg()[0], select_env=sparse_module.SELECT_PATH
     )
-    shapes = DEMO if quick else (PAPER, *DEMO, DEMO_B4096)
+    shapes = (TINY,) if tiny else DEMO if quick else (PAPER, *DEMO, DEMO_B4096)
     result["shapes"] = [measure_shape(*shape, device, steps, repeats) for shape in shapes]
     result["paper"] = next((s for s in result["shapes"] if s["name"] == "paper"), None)
     return result
@@ -204,19 +206,20 @@ def print_profile(events: list[dict], shape: tuple) -> None:
         print(f"  {e['op']:40s} {e['self_ms_per_step']:9.1f} ms/step  {e['share']:6.1%}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the demo's shapes only")
+    parser.add_argument("--tiny", action="store_true", help=f"the shape {TINY[1:]} only (profiled there too)")
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per candidate and round")
     parser.add_argument("--profile", action="store_true", help="also profile whole CPU steps at the demo's m 4608")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args.quick, args.steps)
+    result = measure(args.quick, args.steps, tiny=args.tiny)
     report(result)
     if args.profile:
-        shape = DEMO[1]
+        shape = TINY if args.tiny else DEMO[1]
         result["profile"] = {"shape": shape, "ops": profile_step(*shape[1:])}
         print_profile(result["profile"]["ops"], shape)
     print(json.dumps(result))

@@ -1,6 +1,7 @@
 """zarr v3 sharding (many chunks per file) against the cache's one file per chunk (docs/cache.md).
 
     python -m benchmarks.sharding [--chunks 16] [--rows 16384] [--d 576] [--shards 1,4,16]
+    python -m benchmarks.sharding --tiny      # 16 chunks of 1,024 x 64 rows: a second
 
 The cache writes and commits one chunk at a time. With shards of S chunks, zarr rewrites a shard's
 whole file for each chunk written into it (read, add the chunk, write), so writing the S chunks of a
@@ -23,6 +24,7 @@ import zarr
 from sae.cache.codecs import compressors
 
 GPT2_TOKENS, GPT2_CHUNK_ROWS = 10**9, 128 * 128
+TINY = {"chunks": 16, "rows": 1024, "d": 64}
 
 
 def measure(n_chunks: int = 16, chunk_rows: int = 16384, d: int = 576, shards: tuple[int, ...] = (1, 4, 16)) -> dict:
@@ -73,13 +75,17 @@ def report(r: dict) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help=f"the defaults below become {TINY}")
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--shards", default="1,4,16")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:  # flags given with --tiny still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
     result = measure(args.chunks, args.rows, args.d, tuple(int(s) for s in args.shards.split(",")))
     report(result)
     print(json.dumps(result))
