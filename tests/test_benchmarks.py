@@ -16,7 +16,18 @@ from pathlib import Path
 import pytest
 
 from benchmarks import __main__ as all_benchmarks
-from benchmarks import batchtopk_study, harvest, latents, loader_s3, models, parity, select, sharding, storage_study
+from benchmarks import (
+    batchtopk_study,
+    harvest,
+    latents,
+    loader_s3,
+    matryoshka_study,
+    models,
+    parity,
+    select,
+    sharding,
+    storage_study,
+)
 from benchmarks import eval as evaluation
 from benchmarks import saelens as saelens_benchmark
 from benchmarks import train as train_benchmark
@@ -195,3 +206,20 @@ def test_all(capsys, tiny_model):
     for line in table:
         ratio = float(line[42:].split("x")[0])
         assert positive(ratio), line
+
+
+def test_matryoshka_study(capsys, tiny_model, tmp_path):
+    out_dir = str(tmp_path / "study")
+    matryoshka_study.main(["probes", "--tiny", "--model", tiny_model[0], "--out", out_dir])
+    probes = json.loads((tmp_path / "study" / "probes.json").read_text())
+    assert [p["layer"] for p in probes] == [1] and 0 <= probes[0]["accuracy"] <= 1
+    matryoshka_study.main(["train", "--tiny", "--model", tiny_model[0], "--out", out_dir])
+    matryoshka_study.main(["eval", "--tiny", "--out", out_dir])
+    capsys.readouterr()
+    _, r = run(matryoshka_study, capsys, "report", "--tiny", "--out", out_dir)
+    archs = sorted(row["arch"] for row in r["rows"] if row["arch"] != "prefix")
+    assert archs == ["batchtopk", "jumprelu", "jumprelu", "matryoshka_batchtopk", "topk"]
+    assert sum(row["arch"] == "prefix" for row in r["rows"]) == 4  # the reference's m/16 .. m/2 prefixes
+    for row in r["rows"]:
+        assert positive(row["l0_mean"], row["fvu"]) and math.isfinite(row["ce_degradation"]), row
+    assert {p.name for p in (tmp_path / "study" / "docs").iterdir()} >= {"table.md", "rows.json", "metrics_vs_l0.png"}
