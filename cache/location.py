@@ -259,6 +259,8 @@ class ObjectLocation:
                 reason = (
                     f"no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile): {reason}"
                 )
+            elif _http_endpoint_refused():  # obstore says only "builder error" for it
+                reason = f"{reason}; an http:// endpoint needs AWS_ALLOW_HTTP=true"
             raise UserError(f"cannot access {self.url}: {reason}") from None
 
 
@@ -346,6 +348,17 @@ def _buffer(data: bytes):
 
 
 Location = LocalLocation | ObjectLocation | MemoryLocation
+
+
+def _http_endpoint_refused() -> bool:
+    """An http:// endpoint configured without allowing plain HTTP, which obstore refuses."""
+    endpoint = str(
+        _storage_options.get("endpoint")
+        or _storage_options.get("aws_endpoint")
+        or os.environ.get("AWS_ENDPOINT_URL", "")
+    )
+    allowed = str(_storage_options.get("allow_http") or os.environ.get("AWS_ALLOW_HTTP", "")).lower() == "true"
+    return endpoint.startswith("http://") and not allowed
 
 
 def _object_store(url: str):

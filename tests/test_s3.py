@@ -196,3 +196,10 @@ def test_missing_credentials_and_missing_obstore(s3, monkeypatch, capsys, tmp_pa
     monkeypatch.setitem(sys.modules, "obstore.store", None)  # as if obstore were not installed
     code, _, err = run_sae(monkeypatch, capsys, "cache", "ls", "--cache-dir", s3)
     assert code == 1 and err.strip() == "error: s3:// locations need obstore: pip install 'sae[s3]'"
+
+
+def test_an_http_endpoint_without_allow_http_says_what_to_set(s3, monkeypatch, capsys):
+    monkeypatch.delenv("AWS_ALLOW_HTTP")
+    code, _, err = run_sae(monkeypatch, capsys, "cache", "ls", "--cache-dir", s3)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: cannot access {s3}: ") and "an http:// endpoint needs AWS_ALLOW_HTTP=true" in err
