@@ -17,10 +17,13 @@ A general latent ("starts with S") is absorbed where it stops firing on tokens a
    full absorption: no main latent fires and one latent's proj ≥ 0.4·P (its cos ≥ 0.025).
 Per letter the means over its words, then the mean over the scored letters.
 
-Differences from SAEBench (docs/evaluation.md): seeded sampling; a sample of the vocabulary, not all
-of it; the test words' activations are reused for step 5 instead of re-prompting them with new
-examples; proj_j is the latent's contribution in raw units (a_j·(W_dec_j·p̂), times each row's std for
-a standardising SAE), which is SAEBench's a_j·cos_j for a unit-norm decoder acting on raw rows.
+Differences from SAEBench (docs/evaluation.md, with a cross-check): seeded sampling and probe starts;
+a sample of the vocabulary, not all of it; the L1 probe's batches keep at least 8 steps an epoch (as
+SAEBench's 4,096 give its ~30k words; on fewer words its probe takes one step an epoch and finds
+noise); the test words' activations are reused for step 5 instead of re-prompting them with new
+examples; proj_j is the latent's contribution in raw units, the units of P (a_j·(W_dec_j·p̂), times each
+row's std for a standardising SAE), where SAEBench's a_j·cos_j is in the SAE's standardised units and
+understates a standardising SAE's contributions by the rows' std (≈ 4.3× on SmolLM2 layer 6).
 """
 
 import math
@@ -204,7 +207,7 @@ def sae_absorption(sae: SparseAutoencoder, data: dict, seed: int) -> dict:
     summary.update(mean_over("absorption_fraction", scored) | mean_over("full_absorption_rate", scored))
     # the k-sparse probes' quality: where no small set of latents carries a letter, there is little to absorb
     summary.update(mean_over("f1", list(letters.values())) | mean_over("f1_k1", list(letters.values())))
-    summary["mean_main_latents"] = float(np.mean([len(e["latents"]) for e in letters.values()]))
+    summary["mean_main_latents"] = float(np.mean([len(e["latents"]) for e in scored])) if scored else None
     return {**summary, "probe": data["record"], "letters": letters}
 
 

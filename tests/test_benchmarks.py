@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks import __main__ as all_benchmarks
 from benchmarks import (
+    absorption_saebench,
     batchtopk_study,
     harvest,
     latents,
@@ -223,3 +224,11 @@ def test_matryoshka_study(capsys, tiny_model, tmp_path):
     for row in r["rows"]:
         assert positive(row["l0_mean"], row["fvu"]) and math.isfinite(row["ce_degradation"]), row
     assert {p.name for p in (tmp_path / "study" / "docs").iterdir()} >= {"table.md", "rows.json", "metrics_vs_l0.png"}
+
+
+def test_absorption_saebench(capsys, tiny_model):
+    """Without SAEBench's venv (as in CI) --tiny runs our side and says SAEBench was not available."""
+    out, r = run(absorption_saebench, capsys, "--tiny", "--model", tiny_model[0])
+    assert r["saebench"] is None and "SAEBench not available" in out
+    ours = r["ours"]
+    assert ours["words"] == 200 and 0 <= ours["probe"]["accuracy"] <= 1 and ours["letters_scored"] >= 0
