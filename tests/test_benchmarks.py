@@ -28,6 +28,7 @@ from benchmarks import (
     select,
     sharding,
     storage_study,
+    stream_memory,
 )
 from benchmarks import eval as evaluation
 from benchmarks import saelens as saelens_benchmark
@@ -232,3 +233,9 @@ def test_absorption_saebench(capsys, tiny_model):
     assert r["saebench"] is None and "SAEBench not available" in out
     ours = r["ours"]
     assert ours["words"] == 200 and 0 <= ours["probe"]["accuracy"] <= 1 and ours["letters_scored"] >= 0
+
+
+def test_stream_memory(capsys, tiny_model):
+    out, r = run(stream_memory, capsys, "--tiny", "--model", tiny_model[0])
+    assert [row["window_chunks"] for row in r] == list(stream_memory.TINY["windows"])
+    assert all(positive(row["peak_rss_mib"], row["seconds"]) for row in r)
