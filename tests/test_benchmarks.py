@@ -11,9 +11,12 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from benchmarks import __main__ as all_benchmarks
 from benchmarks import (
@@ -25,6 +28,8 @@ from benchmarks import (
     matryoshka_study,
     models,
     parity,
+    peer_compare,
+    sae_cli,
     select,
     sharding,
     storage_study,
@@ -33,6 +38,7 @@ from benchmarks import (
 from benchmarks import eval as evaluation
 from benchmarks import saelens as saelens_benchmark
 from benchmarks import train as train_benchmark
+from sae.train.trainer import run_training
 
 
 def run(module, capsys, *args: str) -> tuple[str, dict | list]:
@@ -239,3 +245,35 @@ def test_stream_memory(capsys, tiny_model):
     out, r = run(stream_memory, capsys, "--tiny", "--model", tiny_model[0])
     assert [row["window_chunks"] for row in r] == list(stream_memory.TINY["windows"])
     assert all(positive(row["peak_rss_mib"], row["seconds"]) for row in r)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_model, tmp_path_factory) -> str:
+    """A cache of the tiny model's layer 1: 8 chunks of 1,024 rows, the last held out."""
+    root = tmp_path_factory.mktemp("peer") / "caches"
+    out = sae_cli.sae("harvest", "--model", tiny_model[0], "--layer", "1", "--tokens", "8192", "--chunk-contexts", "8",
+                      "--cache-dir", str(root), in_process=True)  # fmt: skip
+    return out.split()[-1]
+
+
+def test_peer_compare_rows_are_the_batches_ours_steps_on(tiny_cache, tmp_path):
+    sizes = SimpleNamespace(k=8, dict_size=128, tokens="2048", batch_size=256, lr=3e-4)
+    cfg = peer_compare.our_config(tiny_cache, tmp_path, sizes)
+    seen = []
+    run_training(cfg, cfg.cache, on_batch=lambda state, batch: seen.append(batch[1].clone()) or batch)
+    assert len(seen) == 8 and torch.equal(peer_compare.training_rows(cfg), torch.cat(seen))
+
+
+def test_peer_compare(capsys, tiny_cache, tmp_path):
+    """Ours, SAELens's and sparsify's SAEs on the same rows: the comparison's table has a row of figures for each."""
+    pytest.importorskip("sae_lens")
+    pytest.importorskip("sparsify")
+    capsys.readouterr()  # the harvest's lines
+    out, r = run(peer_compare, capsys, "--tiny", "--cache", tiny_cache, "--out", str(tmp_path))
+    assert r["tokens"] == int(peer_compare.TINY["tokens"])
+    figure = r"(-?\d+\.\d+) ± (\d+\.\d+)"
+    table = re.findall(rf"^(\S+)\s+{figure}\s+{figure}\s+{figure}\s+\d+\.\d%$", out, re.MULTILINE)
+    assert sorted(row[0] for row in table) == sorted(row["name"] for row in r["rows"])
+    assert sorted(row["format"] for row in r["rows"]) == ["ours", "saelens", "sparsify"]
+    for name, l0, _, nmse, _, ce, _ in table:
+        assert positive(float(l0), float(nmse)) and math.isfinite(float(ce)), name
