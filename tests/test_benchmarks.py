@@ -32,6 +32,7 @@ from benchmarks import (
     sae_cli,
     select,
     sharding,
+    step,
     storage_study,
     stream_memory,
 )
@@ -277,3 +278,14 @@ def test_peer_compare(capsys, tiny_cache, tmp_path):
     assert sorted(row["format"] for row in r["rows"]) == ["ours", "saelens", "sparsify"]
     for name, l0, _, nmse, _, ce, _ in table:
         assert positive(float(l0), float(nmse)) and math.isfinite(float(ce)), name
+
+
+def test_step(capsys):
+    out, r = run(step, capsys, "--tiny", "--contend")
+    assert [(row["shape"], row["arch"]) for row in r] == [("tiny", arch) for arch in step.ARCHS]
+    for row in r:
+        assert (row["d"], row["m"], row["k"], row["B"]) == step.TINY["tiny"]
+        assert positive(row["step_ms"], row["matmul_ms"], row["reference_ms"], row["tok_s"])
+        assert positive(row["contended_step_ms"], row["contended_matmul_ms"])
+        assert row["ops"] and all(calls >= 1 and ms >= 0 for _, calls, ms in row["ops"])
+    assert "| d 64, m 512, B 256 | batchtopk |" in out and "beside one single-threaded job" in out

@@ -1,0 +1,170 @@
+"""One training step taken apart: how much of it is the encoder matmul, and where the rest goes.
+
+    python -m benchmarks.step                  # the demo (d 576, m 2304, B 4096) and study (m 4608, B 1024) shapes
+    python -m benchmarks.step --paper          # and the paper's d 768, m 12288, B 4096
+    python -m benchmarks.step --contend        # also under one single-threaded job on the same cores
+    python -m benchmarks.step --tiny           # d 64, m 512, B 256: seconds (the tests)
+
+For each shape and architecture (BatchTopK, TopK) in one run on this device: the step's median time
+(train.trainer.train_step, what `sae train` runs for each SAE), the encoder matmul alone at the same
+shapes (torch.addmm [B, d] @ [d, m], the floor), their ratio (the matmul's share of a step), the plain
+reference step (benchmarks.reference, BatchTopK) and our speed-up over it, and the profiler's
+largest items per step. Rows are planted activations (tests.synthetic) unless --cache names a cache of the shape's d.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.reference import ReferenceSAE
+from sae.cache.store import open_cache
+from sae.train.config import TrainConfig
+from sae.train.gate import Gate
+from sae.train.inputs import InputSetup, geometric_median
+from sae.train.sae import normalize_input
+from sae.train.state import DeadLatents, make_optimizer, make_sae
+from sae.train.trainer import configure_backend, train_step
+from tests.synthetic import planted_acts
+
+# name: (d, m, k, B)
+SHAPES = {"demo": (576, 2304, 32, 4096), "study": (576, 4608, 32, 1024)}
+PAPER = {"paper": (768, 12288, 32, 4096)}
+TINY = {"tiny": (64, 512, 8, 256)}
+ARCHS = ("batchtopk", "topk")
+TOP_OPS = 10
+CONTENDER = "import torch; torch.set_num_threads(1); a = torch.randn(512, 512)\nwhile True: a @ a"
+
+
+def rows(d: int, B: int, n_batches: int, cache: str | None) -> list[torch.Tensor]:
+    """n_batches batches of B raw rows (each step standardises them, as `sae train` and the reference
+    do): the cache's where its d is d, else planted."""
+    if cache is None or open_cache(cache).d_model != d:
+        x_ND = planted_acts(B * n_batches, d, 4 * d, 32, seed=0) * 3
+    else:
+        c = open_cache(cache)
+        x_ND = torch.cat([c.read_acts(c.layers[0], i).float() for i in range(c.n_chunks)])[: B * n_batches]
+        if len(x_ND) < B * n_batches:
+            raise SystemExit(f"--cache {cache} holds fewer than {B * n_batches} rows")
+    return list(x_ND.split(B))
+
+
+def median_ms(fn, batches: list[torch.Tensor], warmup: int = 3) -> float:
+    """Median wall time of fn(x) over the batches after `warmup` untimed calls."""
+    for x in batches[:warmup]:
+        fn(x)
+    times = []
+    for x in batches[warmup:]:
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def our_step(arch: str, m: int, k: int, first_BD: torch.Tensor):
+    """train_step of one fresh SAE as the trainer makes and calls it, b_dec at the geometric median of the
+    first batch (without it a fifth of the latents are dead within 5 steps, and AuxK's work over them,
+    rare in a real run, dominates the step)."""
+    B, d = first_BD.shape
+    cfg = TrainConfig(arch=(arch,), k=(k,), dict_size=(m,), batch_size=B)
+    (spec,) = cfg.specs()
+    b_dec_D = geometric_median(normalize_input(first_BD, cfg.normalize)[0])
+    sae = make_sae(cfg, spec, d, torch.device("cpu"), InputSetup(Gate(), 1.0, 0.0, b_dec_D))
+    opt, dead = make_optimizer(cfg, sae), DeadLatents(sae)
+    return lambda x: train_step(sae, sae, opt, x, cfg, 1, dead)
+
+
+def matmul(d: int, m: int, B: int):
+    """The floor: the encoder's forward matmul alone, into a fresh output as the step's is."""
+    W_DM, bias_M = torch.randn(d, m) / d**0.5, torch.zeros(m)
+    return lambda x: torch.addmm(bias_M, x, W_DM)
+
+
+def top_ops(step, batches: list[torch.Tensor]) -> list[tuple[str, int, float]]:
+    """(op, calls per step, self ms per step) of the profiler's largest items over the batches."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x in batches:
+            step(x)
+    n = len(batches)
+    averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.count // n, e.self_cpu_time_total / 1e3 / n) for e in averages[:TOP_OPS]]
+
+
+def measure(shapes: dict, steps: int, cache: str | None, contend: bool) -> list[dict]:
+    configure_backend(torch.device("cpu"), "tf32")
+    results = []
+    for shape, (d, m, k, B) in shapes.items():
+        batches = rows(d, B, steps + 3, cache)
+        floor_ms = median_ms(matmul(d, m, B), batches)
+        reference_ms = median_ms(ReferenceSAE("batchtopk", d, m, k).step, batches)
+        for arch in ARCHS:
+            step = our_step(arch, m, k, batches[0])
+            step_ms = median_ms(step, batches)
+            result = {"shape": shape, "d": d, "m": m, "k": k, "B": B, "arch": arch, "step_ms": step_ms}
+            result.update(matmul_ms=floor_ms, reference_ms=reference_ms, tok_s=B / step_ms * 1e3)
+            result["ops"] = top_ops(step, batches[-3:])
+            if contend:
+                with contender():
+                    result["contended_step_ms"] = median_ms(our_step(arch, m, k, batches[0]), batches)
+                    result["contended_matmul_ms"] = median_ms(matmul(d, m, B), batches)
+            results.append(result)
+    return results
+
+
+class contender:
+    """One single-threaded job busy on the same cores while the block runs."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", CONTENDER])
+        time.sleep(1.0)  # past its import
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def report(results: list[dict]) -> None:
+    print(f"# threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    print("| shape | arch | step ms | tok/s | matmul ms | matmul share | reference ms | vs reference |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        name = f"d {r['d']}, m {r['m']}, B {r['B']}"
+        share, speedup = r["matmul_ms"] / r["step_ms"], r["reference_ms"] / r["step_ms"]
+        print(f"| {name} | {r['arch']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['matmul_ms']:.1f} "
+              f"| {share:.0%} | {r['reference_ms']:.1f} | {speedup:.2f}× |")  # fmt: skip
+    for r in results:
+        print(f"\n## {r['arch']}, d {r['d']}, m {r['m']}, B {r['B']}: largest items per step (self time)")
+        print("| op | calls | ms | of step |\n|---|---:|---:|---:|")
+        for op, calls, ms in r["ops"]:
+            print(f"| {op} | {calls} | {ms:.1f} | {ms / r['step_ms']:.0%} |")
+        if "contended_step_ms" in r:
+            step_x, matmul_x = r["contended_step_ms"] / r["step_ms"], r["contended_matmul_ms"] / r["matmul_ms"]
+            print(f"beside one single-threaded job: step {r['contended_step_ms']:.1f} ms ({step_x:.2f}×), "
+                  f"matmul {r['contended_matmul_ms']:.1f} ms ({matmul_x:.2f}×)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paper", action="store_true", help="also the paper's d 768, m 12288, B 4096")
+    parser.add_argument("--tiny", action="store_true", help="d 64, m 512, k 8, B 256: seconds")
+    parser.add_argument("--contend", action="store_true", help="also beside one single-threaded job")
+    parser.add_argument("--shape", action="append", help="only this shape (demo, study, paper); repeatable")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per figure (default 10; tiny 3)")
+    parser.add_argument("--cache", default=None, help="rows from this cache instead of planted ones")
+    args = parser.parse_args(argv)
+    shapes = TINY if args.tiny else {**SHAPES, **(PAPER if args.paper else {})}
+    if args.shape:
+        shapes = {name: shape for name, shape in {**SHAPES, **PAPER}.items() if name in args.shape}
+    results = measure(shapes, args.steps or (3 if args.tiny else 10), args.cache, args.contend)
+    report(results)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
