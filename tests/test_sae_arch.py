@@ -5,8 +5,17 @@ import torch
 
 from sae.errors import UserError
 from sae.train.config import SAESpec, TrainConfig
-from sae.train.sae import SparseAutoencoder
-from sae.train.sparse import decode_dense, decode_sparse, select_batchtopk, select_topk
+from sae.train.gate import Gate
+from sae.train.inputs import InputSetup
+from sae.train.sae import SparseAutoencoder, normalize_input
+from sae.train.sparse import (
+    decode_dense,
+    decode_sparse,
+    densify,
+    select_batchtopk,
+    select_batchtopk_plain,
+    select_topk,
+)
 from sae.train.state import DeadLatents, make_optimizer, make_sae
 from sae.train.theta import Eq7Estimate
 from sae.train.trainer import configure_backend, train_step
@@ -107,7 +116,7 @@ def test_sparse_decode_equals_dense_decode_with_gradients(select):
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)  # fp32 summation order only
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka_batchtopk"])
 def test_sparse_and_dense_paths_train_the_same_module(arch):
     """The whole forward (AuxK included) and every parameter gradient agree across the two paths."""
     x_BD = planted_acts(256, D, FEATURES, K, seed=3) * 3
@@ -191,3 +200,68 @@ def test_decode_auto_is_sparse_on_cpu_and_threshold_lr_sets_only_log_theta():
     assert [g["lr"] for g in groups] == [3e-4, 0.01]
     assert [id(p) for p in groups[1]["params"]] == [id(sae.log_threshold)]
     assert id(sae.log_threshold) not in {id(p) for p in groups[0]["params"]}
+
+
+def plain_step(sae: SparseAutoencoder, opt, x_BD: torch.Tensor, cfg: TrainConfig) -> None:
+    """The step written plainly with autograd: .std() standardisation, a dense selection and decode, autograd's
+    squared error, torch's clip_grad_norm_, the projection and renormalisation as products."""
+    mean_B1 = x_BD.mean(1, keepdim=True)
+    x_n = (x_BD - mean_B1) / ((x_BD - mean_B1).std(1, keepdim=True) + 1e-5)
+    pre_BM = torch.relu((x_n - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    select = select_batchtopk_plain if sae.spec.arch == "batchtopk" else select_topk
+    recon_BD = densify(select(pre_BM, K), *pre_BM.shape) @ sae.W_dec + sae.b_dec
+    (recon_BD - x_n).square().mean().backward()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    with torch.no_grad():
+        sae.W_dec.grad -= (sae.W_dec.grad * sae.W_dec).sum(1, keepdim=True) * sae.W_dec
+        opt.step()
+        opt.zero_grad()
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("grad_clip", [1e-2, 1e5])  # every step clipped; none
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_train_step_follows_the_plain_step(arch, grad_clip):
+    """Five steps of train_step (the sparse path, its shared column order, the fused squared error, the
+    layer-norm statistics, the clip skipped on the host when under the bound) and of plain_step from one
+    start: the same weights to float32 summation order."""
+    cfg = TrainConfig(arch=(arch,), k=(K,), dict_size=(256,), batch_size=256, lr=1e-3, grad_clip=grad_clip)
+    (spec,) = cfg.specs()
+    x_SBD = (planted_acts(5 * 256, D, FEATURES, K, seed=4) * 3 + 0.5).view(5, 256, D)
+    standardized = InputSetup(Gate(), 1.0, 0.0, None)  # the trainer's default input space
+    ours, plain = (make_sae(cfg, spec, D, torch.device("cpu"), standardized) for _ in range(2))
+    opt_ours, opt_plain, dead = make_optimizer(cfg, ours), make_optimizer(cfg, plain), DeadLatents(ours)
+    for x_BD in x_SBD:
+        train_step(ours, ours, opt_ours, x_BD, cfg, world=1, dead=dead)
+        plain_step(plain, opt_plain, x_BD, cfg)
+    moved = (ours.W_enc - SparseAutoencoder(spec, D).W_enc).abs().max()
+    assert moved > 10 * 1e-5  # the steps did move the weights
+    for name, theirs in plain.named_parameters():
+        torch.testing.assert_close(getattr(ours, name), theirs, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_standardize_is_the_plain_formula_and_leaves_a_constant_row_at_zero():
+    x_BD = torch.randn(64, D) * 4 + 2
+    x_BD[3] = 7.0
+    x_n, std_B1, mean_B1 = normalize_input(x_BD, "standardize")
+    plain_std_B1 = (x_BD - x_BD.mean(1, keepdim=True)).std(1, keepdim=True)
+    torch.testing.assert_close(std_B1, plain_std_B1)
+    torch.testing.assert_close(mean_B1, x_BD.mean(1, keepdim=True))
+    torch.testing.assert_close(x_n, (x_BD - mean_B1) / (plain_std_B1 + 1e-5))
+    assert std_B1[3] == 0 and x_n[3].abs().max() == 0
+    torch.testing.assert_close(x_n * std_B1 + mean_B1, x_BD, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_squared_error_equals_autograds_with_both_gradients(dtype):
+    recon_BD, x_BD = torch.randn(32, D, dtype=dtype), torch.randn(32, D, dtype=dtype)
+    results = []
+    for mse in (SparseAutoencoder(SAESpec("topk", K, 64, 0.0, 0.0), D).mse,
+                lambda r, x: (r.float() - x.float()).square().mean()):  # fmt: skip
+        r, x = recon_BD.clone().requires_grad_(), x_BD.clone().requires_grad_()
+        loss = mse(r, x)
+        (3 * loss).backward()
+        results.append((loss, r.grad, x.grad))
+    assert results[0][1].dtype == dtype
+    for fused, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae.device import one_cpu_thread
+
 
 class Active(NamedTuple):
     """The latents kept by (Batch)TopK as a row-sorted sparse list of N entries."""
@@ -26,6 +28,29 @@ class Active(NamedTuple):
     """Kept activations; carries the gradient back to the encoder."""
     offsets_B: Tensor
     """Start of each row's entries in the lists (embedding_bag's offsets)."""
+    by_column: "ColumnOrder | None" = None
+    """The entries grouped by column (column_order), made once for both weight gradients; None: made
+    where a gradient needs it."""
+
+
+class ColumnOrder(NamedTuple):
+    """An order of the kept entries that groups them by column: W_dec's and W_enc's gradients are sums
+    over each column's entries (sum_by_column), and both group the same columns."""
+
+    perm_N: Tensor
+    starts_M: Tensor
+    """Where each column's entries start in perm_N's order."""
+
+
+def column_order(cols_N: Tensor, M: int) -> ColumnOrder:
+    """The entries grouped by column by one int32 sort, on one thread on the CPU (sae.device). Before:
+    a float64 sort in each of the two gradients (7 ms at B·k 131k, 40 ms p90 on busy cores); int64
+    indices, as embedding_bag's own backward sorts them, ran a two-thread radix sort that took
+    170 ms on busy cores."""
+    with one_cpu_thread(not cols_N.is_cuda):
+        cols_sorted_N, perm_N = cols_N.to(torch.int32).sort()
+        starts_M = torch.searchsorted(cols_sorted_N, torch.arange(M, device=cols_N.device, dtype=torch.int32))
+    return ColumnOrder(perm_N, starts_M)
 
 
 def select_topk(pre_BM: Tensor, k: int) -> Active:
@@ -88,8 +113,8 @@ def select_batchtopk_threshold(pre_BM: Tensor, k: int) -> Active:
     sample (t from a full top-k when too few survive: rare, and still exact). A top-k over all B·m
     values runs on one CPU thread (1.0 s at the paper's B 4096, m 12288); the compare and nonzero
     that find the survivors run on all threads. Reads t and the survivor count on the host: CPU only
-    in "auto". Past the survivors it keeps to one-thread ops (top-k of one row, a float64 sort): on
-    busy cores each multi-threaded op over ~B·k entries waited 10-30 ms for its second thread."""
+    in "auto". Past the survivors it keeps to one-thread ops (top-k of one row) or cheap passes (a
+    mask): on busy cores each multi-threaded op over ~B·k entries waited 10-30 ms for its second thread."""
     B, M = pre_BM.shape
     n = B * k
     flat_N = pre_BM.detach().flatten()
@@ -104,9 +129,11 @@ def select_batchtopk_threshold(pre_BM: Tensor, k: int) -> Active:
         (w, v), (w_at, _) = top.values.topk(2, largest=False)  # the (n+1)-th and the n-th largest
         if not w < v:  # a tie across the boundary: the tie rule decides
             return _active(pre_BM, cand_N[_keep_first(cand_values_N, v, n)])
-        i = int(w_at)  # the top n: the top n + 1 but the smallest, back in flat order by a sort
-        kept_N = torch.cat([top.indices[:i], top.indices[i + 1 :]]).double().sort().values.long()
-        cand_N = cand_N.index_select(0, kept_N)
+        # the top n: the top n + 1 but the smallest, back in flat order by a mask (no sort)
+        kept_C = torch.zeros(len(cand_N), dtype=torch.bool, device=cand_N.device)
+        kept_C[top.indices] = True
+        kept_C[top.indices[w_at]] = False
+        cand_N = cand_N.masked_select(kept_C)
     return _active(pre_BM, cand_N)
 
 
@@ -148,39 +175,41 @@ def _active(pre_BM: Tensor, kept_N: Tensor) -> Active:
 
 def decode_sparse(active: Active, W_dec_MD: Tensor) -> Tensor:
     """Σ_j f_bj W_dec[j] over the kept entries only: B·k·d work instead of B·m·d."""
-    return SparseDecode.apply(active.acts_N, W_dec_MD, active.rows_N, active.cols_N, active.offsets_B)
+    args = active.acts_N, W_dec_MD, active.rows_N, active.cols_N, active.offsets_B
+    return SparseDecode.apply(*args, active.by_column)
 
 
-def sum_by_column(cols_N: Tensor, rows_N: Tensor, src_BD: Tensor, weights_N: Tensor, M: int) -> Tensor:
-    """[M, D]: Σ_n weights_n · src[rows_n] over the entries n of each column, as one embedding_bag over
-    the entries grouped by a float64 sort of their columns (exact below 2^53). embedding_bag's own
-    backward groups them with an int64 sort, which torch 2.13's CPU runs as a parallel radix sort:
-    0.7 ms for 32k indices on idle cores, 170 ms on busy ones; the float64 sort took 2.4 ms on both."""
-    cols_f, perm_N = cols_N.double().sort()
-    starts_M = torch.searchsorted(cols_f, torch.arange(M, device=cols_f.device, dtype=cols_f.dtype))
-    return F.embedding_bag(rows_N[perm_N], src_BD, starts_M, mode="sum", per_sample_weights=weights_N[perm_N])
+def sum_by_column(order: ColumnOrder, rows_N: Tensor, src_BD: Tensor, weights_N: Tensor) -> Tensor:
+    """[M, D]: Σ_n weights_n · src[rows_n] over the entries n of each column, one embedding_bag over the
+    entries in column order."""
+    return F.embedding_bag(rows_N[order.perm_N], src_BD, order.starts_M, mode="sum",
+                           per_sample_weights=weights_N[order.perm_N])  # fmt: skip
 
 
 class SparseDecode(torch.autograd.Function):
-    """embedding_bag's decode with W_dec's gradient from sum_by_column (see there why)."""
+    """embedding_bag's decode; W_dec's gradient from sum_by_column (see column_order why not its own)."""
 
     @staticmethod
-    def forward(ctx, acts_N: Tensor, W_dec_MD: Tensor, rows_N: Tensor, cols_N: Tensor, offsets_B: Tensor) -> Tensor:
+    def forward(ctx, acts_N: Tensor, W_dec_MD: Tensor, rows_N: Tensor, cols_N: Tensor, offsets_B: Tensor,
+                by_column: ColumnOrder | None) -> Tensor:  # fmt: skip
         ctx.save_for_backward(acts_N, W_dec_MD, rows_N, cols_N, offsets_B)
+        ctx.by_column = by_column
         return F.embedding_bag(cols_N, W_dec_MD, offsets_B, mode="sum", per_sample_weights=acts_N)
 
     @staticmethod
     def backward(ctx, grad_BD: Tensor):
         acts_N, W_dec_MD, rows_N, cols_N, offsets_B = ctx.saved_tensors
         grad_acts_N = grad_W_dec_MD = None
-        if ctx.needs_input_grad[0]:  # ⟨∂x̂_b, W_dec[j]⟩: embedding_bag's own gradient, W_dec held (no sort)
-            with torch.enable_grad():
-                acts = acts_N.detach().requires_grad_()
-                out_BD = F.embedding_bag(cols_N, W_dec_MD.detach(), offsets_B, mode="sum", per_sample_weights=acts)
-                (grad_acts_N,) = torch.autograd.grad(out_BD, acts, grad_BD)
+        if ctx.needs_input_grad[0]:
+            # ⟨∂x̂_b, W_dec[j]⟩: embedding_bag's own kernel for it, which needs each entry's bag (its row);
+            # through autograd it would first redo the forward's B·k·d decode
+            grad_acts_N = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_BD.contiguous(), W_dec_MD.detach(), cols_N, offsets_B, rows_N, 0
+            )
         if ctx.needs_input_grad[1]:
-            grad_W_dec_MD = sum_by_column(cols_N, rows_N, grad_BD, acts_N.to(grad_BD.dtype), W_dec_MD.shape[0])
-        return grad_acts_N, grad_W_dec_MD, None, None, None
+            order = ctx.by_column or column_order(cols_N, W_dec_MD.shape[0])
+            grad_W_dec_MD = sum_by_column(order, rows_N, grad_BD, acts_N.to(grad_BD.dtype))
+        return grad_acts_N, grad_W_dec_MD, None, None, None, None
 
 
 def densify(active: Active, B: int, M: int) -> Tensor:
@@ -203,8 +232,9 @@ class KeptEncoderGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, acts_N: Tensor, x_BD: Tensor, W_enc_DM: Tensor, b_enc_M: Tensor, b_dec_D: Tensor,
-                rows_N: Tensor, cols_N: Tensor, offsets_B: Tensor) -> Tensor:  # fmt: skip
+                rows_N: Tensor, cols_N: Tensor, offsets_B: Tensor, by_column: ColumnOrder) -> Tensor:  # fmt: skip
         ctx.save_for_backward(acts_N, x_BD, W_enc_DM, b_dec_D, rows_N, cols_N, offsets_B)
+        ctx.by_column = by_column
         return acts_N.clone()
 
     @staticmethod
@@ -216,10 +246,10 @@ class KeptEncoderGrad(torch.autograd.Function):
         grad_x = grad_W_enc = grad_b_dec = None
         if ctx.needs_input_grad[2]:
             xc_BD = x_BD.float() - b_dec_D.float()
-            grad_W_enc = sum_by_column(cols_N, rows_N, xc_BD, g_N, M).t()  # [m, d] → W_enc's [d, m]
+            grad_W_enc = sum_by_column(ctx.by_column, rows_N, xc_BD, g_N).t()  # [m, d] → W_enc's [d, m]
         if ctx.needs_input_grad[4]:
             grad_b_dec = -(W_enc_DM.float() @ grad_b_enc_M)
         if ctx.needs_input_grad[1]:
             W_MD = W_enc_DM.float().t().contiguous()
             grad_x = F.embedding_bag(cols_N, W_MD, offsets_B, mode="sum", per_sample_weights=g_N).to(x_BD.dtype)
-        return None, grad_x, grad_W_enc, grad_b_enc_M, grad_b_dec, None, None, None
+        return None, grad_x, grad_W_enc, grad_b_enc_M, grad_b_dec, None, None, None, None

@@ -124,7 +124,10 @@ def train_step(sae, model, opt, x_BD: torch.Tensor, cfg: TrainConfig, world: int
         dist.all_reduce(flat)
         for g, avg in zip(grads, (flat / world).split([g.numel() for g in grads]), strict=True):
             g.copy_(avg.view_as(g))
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip, foreach=True)
+    params = [p for p in sae.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if x_BD.is_cuda or norm > cfg.grad_clip:  # on the CPU the host knows: no multiply by 1 when not clipping
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm, foreach=True)
     sae.project_decoder_grad()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -76,7 +76,7 @@ class MatryoshkaBatchTopK(BatchTopK):
             # Entries are row-major with ascending columns, so (row, group) bags are already contiguous.
             bag_N = active.rows_N * G + torch.searchsorted(widths_G, active.cols_N, right=True)
             offsets_P = torch.searchsorted(bag_N, torch.arange(B * G, device=bag_N.device))
-            groups_PD = decode_sparse(Active(bag_N, active.cols_N, active.acts_N, offsets_P), sae.W_dec)
+            groups_PD = decode_sparse(active._replace(rows_N=bag_N, offsets_B=offsets_P), sae.W_dec)
             groups_BGD = groups_PD.view(B, G, -1)
         else:
             latents_BM = densify(active, B, sae.m)
