@@ -4,6 +4,7 @@
     python -m benchmarks.step --paper          # and the paper's d 768, m 12288, B 4096
     python -m benchmarks.step --contend        # also under one single-threaded job on the same cores
     python -m benchmarks.step --tiny           # d 64, m 512, B 256: seconds (the tests)
+    python -m benchmarks.step --shape paper --device cuda --precision bf16   # on a GPU (benchmarks/gpu_check.sh)
 
 For each shape and architecture (BatchTopK, TopK) in one run on this device: the step's median time
 (train.trainer.train_step, what `sae train` runs for each SAE), the encoder matmul alone at the same
@@ -25,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.reference import ReferenceSAE
 from sae.cache.store import open_cache
+from sae.device import resolve_device
 from sae.train.config import TrainConfig
 from sae.train.gate import Gate
 from sae.train.inputs import InputSetup, geometric_median
@@ -42,7 +44,7 @@ TOP_OPS = 10
 CONTENDER = "import torch; torch.set_num_threads(1); a = torch.randn(512, 512)\nwhile True: a @ a"
 
 
-def rows(d: int, B: int, n_batches: int, cache: str | None) -> list[torch.Tensor]:
+def rows(d: int, B: int, n_batches: int, cache: str | None, device: torch.device) -> list[torch.Tensor]:
     """n_batches batches of B raw rows (each step standardises them, as `sae train` and the reference
     do): the cache's where its d is d, else planted."""
     if cache is None or open_cache(cache).d_model != d:
@@ -52,67 +54,82 @@ def rows(d: int, B: int, n_batches: int, cache: str | None) -> list[torch.Tensor
         x_ND = torch.cat([c.read_acts(c.layers[0], i).float() for i in range(c.n_chunks)])[: B * n_batches]
         if len(x_ND) < B * n_batches:
             raise SystemExit(f"--cache {cache} holds fewer than {B * n_batches} rows")
-    return list(x_ND.split(B))
+    return [x_BD.to(device) for x_BD in x_ND.split(B)]
 
 
 def median_ms(fn, batches: list[torch.Tensor], warmup: int = 3) -> float:
-    """Median wall time of fn(x) over the batches after `warmup` untimed calls."""
+    """Median wall time of fn(x) over the batches after `warmup` untimed calls (on CUDA, to the end of its
+    kernels)."""
+    sync = torch.cuda.synchronize if batches[0].is_cuda else lambda: None
     for x in batches[:warmup]:
         fn(x)
     times = []
     for x in batches[warmup:]:
+        sync()
         start = time.perf_counter()
         fn(x)
+        sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
 
-def our_step(arch: str, m: int, k: int, first_BD: torch.Tensor):
+def our_step(arch: str, m: int, k: int, first_BD: torch.Tensor, precision: str = "tf32"):
     """train_step of one fresh SAE as the trainer makes and calls it, b_dec at the geometric median of the
     first batch (without it a fifth of the latents are dead within 5 steps, and AuxK's work over them,
     rare in a real run, dominates the step)."""
     B, d = first_BD.shape
-    cfg = TrainConfig(arch=(arch,), k=(k,), dict_size=(m,), batch_size=B)
+    cfg = TrainConfig(arch=(arch,), k=(k,), dict_size=(m,), batch_size=B, precision=precision)
     (spec,) = cfg.specs()
     b_dec_D = geometric_median(normalize_input(first_BD, cfg.normalize)[0])
-    sae = make_sae(cfg, spec, d, torch.device("cpu"), InputSetup(Gate(), 1.0, 0.0, b_dec_D))
+    sae = make_sae(cfg, spec, d, first_BD.device, InputSetup(Gate(), 1.0, 0.0, b_dec_D))
     opt, dead = make_optimizer(cfg, sae), DeadLatents(sae)
     return lambda x: train_step(sae, sae, opt, x, cfg, 1, dead)
 
 
-def matmul(d: int, m: int, B: int):
-    """The floor: the encoder's forward matmul alone, into a fresh output as the step's is."""
-    W_DM, bias_M = torch.randn(d, m) / d**0.5, torch.zeros(m)
-    return lambda x: torch.addmm(bias_M, x, W_DM)
+def matmul(d: int, m: int, B: int, device: torch.device, precision: str = "tf32"):
+    """The floor: the encoder's forward matmul alone at the step's precision (bf16: autocast's)."""
+    W_DM, bias_M = torch.randn(d, m, device=device) / d**0.5, torch.zeros(m, device=device)
+
+    def encode(x_BD):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return torch.addmm(bias_M, x_BD, W_DM)
+
+    return encode
 
 
 def top_ops(step, batches: list[torch.Tensor]) -> list[tuple[str, int, float]]:
     """(op, calls per step, self ms per step) of the profiler's largest items over the batches."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = batches[0].is_cuda
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for x in batches:
             step(x)
+        if cuda:
+            torch.cuda.synchronize()
     n = len(batches)
-    averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [(e.key, e.count // n, e.self_cpu_time_total / 1e3 / n) for e in averages[:TOP_OPS]]
+    ms = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # CUDA: kernel time
+    averages = sorted(prof.key_averages(), key=ms, reverse=True)
+    return [(e.key, e.count // n, ms(e) / 1e3 / n) for e in averages[:TOP_OPS]]
 
 
-def measure(shapes: dict, steps: int, cache: str | None, contend: bool) -> list[dict]:
-    configure_backend(torch.device("cpu"), "tf32")
+def measure(shapes: dict, steps: int, cache: str | None, contend: bool, device: torch.device = torch.device("cpu"),
+            precision: str = "tf32") -> list[dict]:  # fmt: skip
+    configure_backend(device, precision)
     results = []
     for shape, (d, m, k, B) in shapes.items():
-        batches = rows(d, B, steps + 3, cache)
-        floor_ms = median_ms(matmul(d, m, B), batches)
-        reference_ms = median_ms(ReferenceSAE("batchtopk", d, m, k).step, batches)
+        batches = rows(d, B, steps + 3, cache, device)
+        floor_ms = median_ms(matmul(d, m, B, device, precision), batches)
+        reference_ms = median_ms(ReferenceSAE("batchtopk", d, m, k, device=device).step, batches)
         for arch in ARCHS:
-            step = our_step(arch, m, k, batches[0])
+            step = our_step(arch, m, k, batches[0], precision)
             step_ms = median_ms(step, batches)
             result = {"shape": shape, "d": d, "m": m, "k": k, "B": B, "arch": arch, "step_ms": step_ms}
+            result.update(device=str(device), precision=precision)
             result.update(matmul_ms=floor_ms, reference_ms=reference_ms, tok_s=B / step_ms * 1e3)
             result["ops"] = top_ops(step, batches[-3:])
             if contend:
                 with contender():
-                    result["contended_step_ms"] = median_ms(our_step(arch, m, k, batches[0]), batches)
-                    result["contended_matmul_ms"] = median_ms(matmul(d, m, B), batches)
+                    result["contended_step_ms"] = median_ms(our_step(arch, m, k, batches[0], precision), batches)
+                    result["contended_matmul_ms"] = median_ms(matmul(d, m, B, device, precision), batches)
             results.append(result)
     return results
 
@@ -130,7 +147,8 @@ class contender:
 
 
 def report(results: list[dict]) -> None:
-    print(f"# threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    where = f"{results[0]['device']}, {results[0]['precision']}" if results else ""
+    print(f"# {where}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
     print("| shape | arch | step ms | tok/s | matmul ms | matmul share | reference ms | vs reference |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -157,11 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", action="append", help="only this shape (demo, study, paper); repeatable")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per figure (default 10; tiny 3)")
     parser.add_argument("--cache", default=None, help="rows from this cache instead of planted ones")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--precision", default="tf32", choices=("fp32", "tf32", "bf16"), help="as sae train's")
     args = parser.parse_args(argv)
     shapes = TINY if args.tiny else {**SHAPES, **(PAPER if args.paper else {})}
     if args.shape:
         shapes = {name: shape for name, shape in {**SHAPES, **PAPER}.items() if name in args.shape}
-    results = measure(shapes, args.steps or (3 if args.tiny else 10), args.cache, args.contend)
+    device = resolve_device(args.device)
+    results = measure(shapes, args.steps or (3 if args.tiny else 10), args.cache, args.contend, device, args.precision)
     report(results)
     print(json.dumps(results))
 

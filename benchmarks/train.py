@@ -118,7 +118,7 @@ def measure(full: bool = False, steps: int | None = None, tiny: bool = False) ->
     with tempfile.TemporaryDirectory() as tmp:
         cache_rows = B * steps
         cache_path = write_cache(
-            Path(tmp), data_ND[:cache_rows].repeat(2, 1)[:cache_rows], 128, 16, dtype="float16", codec="zstd:1"
+            Path(tmp), data_ND[:cache_rows].repeat(2, 1)[:cache_rows], 128, 16, dtype="int8", codec="zstd:1"
         )
         cache = open_cache(cache_path)
         loader = Loader(cache, [0], list(range(cache.n_chunks)), B, seed=0, device=device)
@@ -157,7 +157,7 @@ def report(r: dict) -> None:
         )
     print(f"  MFU: FLOPs of each step's decode (k or m latents) x tok/s / peak of its precision ({r['peak_source']})")
     print(
-        f"  loader alone (float16, zstd:1)  {r['loader_rows_s']:12,.0f} rows/s  {r['loader_vs_demand']:5.2f}x the demand of the fastest step"
+        f"  loader alone (int8, zstd:1)    {r['loader_rows_s']:12,.0f} rows/s  {r['loader_vs_demand']:5.2f}x the demand of the fastest step"
     )
     print(
         f"  sweep of 3 in one pass {r['sweep_s']:6.1f} s vs 3 separate runs {r['separate_s']:6.1f} s: "
