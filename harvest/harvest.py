@@ -10,6 +10,7 @@ Under torchrun, the ranks take turns over the chunks (harvest.ranks).
 import collections
 import contextlib
 import itertools
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -127,31 +128,8 @@ def _harvest_chunks(
     documents = iter_documents(dataset, cfg.text_column, cfg.seed, start_doc=position["doc"])
     token_docs = iter_token_docs(documents, loaded.tokenizer, loaded.bos_token_id, first_doc=position["doc"])
     contexts = iter_contexts(token_docs, ctx_len, cfg.packing, loaded.bos_token_id, position)
-    pin = device.type == "cuda"
-    values_dtype, scaled = DTYPES[cfg.dtype][0], is_scaled(cfg.dtype)
-    # One host buffer per chunk in flight: the forward passes fill one while up to WRITERS threads
-    # compress and write the ones before it.
-    buffers = [
-        {
-            layer: StoredRows(
-                torch.empty(chunk_contexts * ctx_len, loaded.d_model, dtype=values_dtype, pin_memory=pin),
-                torch.empty(chunk_contexts * ctx_len, pin_memory=pin) if scaled else None,
-            )
-            for layer in cfg.layers
-        }
-        for _ in range(WRITERS + 1)
-    ]
-    dim_scales = writer.dim_scales()
-    if cfg.dtype in DIM_SCALED and dim_scales is None:  # the cache's first batch fixes s_dim, on rank 0
-        first = list(itertools.islice(contexts, cfg.batch_contexts))
-        contexts = itertools.chain(first, contexts)
-        if rank == 0 and first:  # no context at all: nothing will be written, and the harvest says so
-            ids_BT = torch.from_numpy(np.stack([context for context, _ in first])).to(device).long()
-            acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
-            dim_scales = {layer: dim_scale(acts_BTD.flatten(0, 1)).cpu() for layer, acts_BTD in acts.items()}
-            writer.set_dim_scales(dim_scales)
-        dim_scales = ranks.from_rank0(dim_scales)
-    dim_scales = {layer: scale.to(device) for layer, scale in (dim_scales or {}).items()}
+    buffers = _chunk_buffers(cfg, loaded.d_model, pin=device.type == "cuda")
+    dim_scales, contexts = _dim_scales(writer, loaded, cfg, contexts, device, ranks)
     in_flight: collections.deque = collections.deque()  # this rank's (future of a chunk write, its report)
     written: dict[int, tuple] = {}  # rank 0: commit arguments of chunks written but not yet committed
 
@@ -203,6 +181,39 @@ def _harvest_chunks(
             if exhausted:
                 break
         exchange(wait_all=True)
+
+
+def _chunk_buffers(cfg: HarvestConfig, d_model: int, pin: bool) -> list[dict[int, StoredRows]]:
+    """One host buffer per chunk in flight: the forward passes fill one while up to WRITERS threads
+    compress and write the ones before it."""
+    values_dtype, scaled, rows = DTYPES[cfg.dtype][0], is_scaled(cfg.dtype), cfg.chunk_contexts * cfg.ctx_len
+    return [
+        {
+            layer: StoredRows(
+                torch.empty(rows, d_model, dtype=values_dtype, pin_memory=pin),
+                torch.empty(rows, pin_memory=pin) if scaled else None,
+            )
+            for layer in cfg.layers
+        }
+        for _ in range(WRITERS + 1)
+    ]
+
+
+def _dim_scales(writer: CacheWriter, loaded: LoadedModel, cfg: HarvestConfig, contexts, device,
+                ranks: Ranks) -> tuple[dict, Iterator]:  # fmt: skip
+    """({layer: s_dim} on the device, or {} for a dtype without them; the contexts, none consumed): the
+    cache's own, or fixed by rank 0 from the first batch of a new cache and shared with every rank."""
+    dim_scales = writer.dim_scales()
+    if cfg.dtype in DIM_SCALED and dim_scales is None:
+        first = list(itertools.islice(contexts, cfg.batch_contexts))
+        contexts = itertools.chain(first, contexts)
+        if ranks.rank == 0 and first:  # no context at all: nothing will be written, and the harvest says so
+            ids_BT = torch.from_numpy(np.stack([context for context, _ in first])).to(device).long()
+            acts = capture(loaded.model, loaded.blocks, cfg.site, list(cfg.layers), ids_BT)
+            dim_scales = {layer: dim_scale(acts_BTD.flatten(0, 1)).cpu() for layer, acts_BTD in acts.items()}
+            writer.set_dim_scales(dim_scales)
+        dim_scales = ranks.from_rank0(dim_scales)
+    return {layer: scale.to(device) for layer, scale in (dim_scales or {}).items()}, contexts
 
 
 def _write_chunk(
