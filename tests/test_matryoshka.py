@@ -56,22 +56,6 @@ def test_the_whole_dictionary_is_batchtopk_with_the_same_weights():
     torch.testing.assert_close(ours.mse, theirs.mse)
 
 
-def test_sparse_and_dense_prefix_decodes_train_the_same_module():
-    """Each group decoded once from the kept rows of W_dec against dense matmuls per group: the loss,
-    AuxK and every gradient agree."""
-    x_BD = planted_acts(256, D, FEATURES, K, seed=5) * 3
-    grads = []
-    for sparse in (True, False):
-        sae = matryoshka(aux_k=16, dead_tokens=1, decode="sparse" if sparse else "dense")
-        sae.tokens_since_fired_M[::2] = 10  # half the latents dead: AuxK runs
-        out = sae(x_BD, aux_k=16)
-        out.loss.backward()
-        grads.append([out.loss.detach(), out.aux.detach()] + [p.grad for p in sae.parameters()])
-    assert grads[0][1] > 0
-    for sparse, dense in zip(*grads, strict=True):
-        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-6)
-
-
 def test_widths_default_to_the_reference_groups_and_bad_ones_are_one_line_errors():
     assert default_widths(4608) == (288, 576, 1152, 2304, 4608)
     assert matryoshka(widths=()).arch.widths == (4, 8, 16, 32, 64)

@@ -118,7 +118,8 @@ def test_sparse_decode_equals_dense_decode_with_gradients(select):
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka_batchtopk"])
 def test_sparse_and_dense_paths_train_the_same_module(arch):
-    """The whole forward (AuxK included) and every parameter gradient agree across the two paths."""
+    """The whole forward (AuxK included) and every parameter gradient agree across the two paths (Matryoshka:
+    each prefix group decoded once from the kept rows of W_dec against dense matmuls per group)."""
     x_BD = planted_acts(256, D, FEATURES, K, seed=3) * 3
     grads = []
     for sparse in (True, False):

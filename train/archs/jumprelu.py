@@ -9,21 +9,33 @@ from torch import Tensor, nn
 from sae.train.archs.relu import ReLU
 
 
+def _save_theta(ctx, z_BM: Tensor, log_theta_M: Tensor, bandwidth: float) -> Tensor:
+    """θ = exp(log θ), kept with z and ε for the backward's window."""
+    theta_M = log_theta_M.exp()
+    ctx.save_for_backward(z_BM, theta_M)
+    ctx.bandwidth = bandwidth
+    return theta_M
+
+
+def _window(ctx, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, θ, rect((z−θ)/ε) as [B, m]): the estimate of d/dθ of H(z−θ) is −(1/ε)·rect, and × θ for
+    log θ, which is what we learn."""
+    z_BM, theta_M = ctx.saved_tensors
+    return z_BM, theta_M, ((z_BM - theta_M).abs() < ctx.bandwidth / 2).to(dtype)
+
+
 class JumpReLUFunction(torch.autograd.Function):
     """z · H(z − θ) with θ = exp(log_θ); θ's gradient through a rectangle kernel (JumpReLU paper)."""
 
     @staticmethod
     def forward(ctx, z_BM: Tensor, log_theta_M: Tensor, bandwidth: float) -> Tensor:
-        theta_M = log_theta_M.exp()
-        ctx.save_for_backward(z_BM, theta_M)
-        ctx.bandwidth = bandwidth
+        theta_M = _save_theta(ctx, z_BM, log_theta_M, bandwidth)
         return z_BM * (z_BM > theta_M)
 
     @staticmethod
     def backward(ctx, grad_BM: Tensor) -> tuple[Tensor, Tensor, None]:
-        z_BM, theta_M = ctx.saved_tensors
-        in_window_BM = ((z_BM - theta_M).abs() < ctx.bandwidth / 2).to(grad_BM.dtype)
-        # d/dθ of z·H(z−θ) ≈ −(θ/ε)·rect((z−θ)/ε) (z = θ inside the window); × θ since we learn log θ
+        z_BM, theta_M, in_window_BM = _window(ctx, grad_BM.dtype)
+        # d/d log θ of z·H(z−θ): z = θ inside the window
         grad_log_theta_M = -(theta_M / ctx.bandwidth) * (in_window_BM * grad_BM * theta_M).sum(0)
         return grad_BM * (z_BM > theta_M), grad_log_theta_M, None
 
@@ -33,18 +45,13 @@ class StepL0(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_BM: Tensor, log_theta_M: Tensor, bandwidth: float) -> Tensor:
-        theta_M = log_theta_M.exp()
-        ctx.save_for_backward(z_BM, theta_M)
-        ctx.bandwidth = bandwidth
+        theta_M = _save_theta(ctx, z_BM, log_theta_M, bandwidth)
         return (z_BM > theta_M).to(z_BM.dtype).sum(1)
 
     @staticmethod
     def backward(ctx, grad_B: Tensor) -> tuple[None, Tensor, None]:
-        z_BM, theta_M = ctx.saved_tensors
-        in_window_BM = ((z_BM - theta_M).abs() < ctx.bandwidth / 2).to(grad_B.dtype)
-        # d/dθ of H(z−θ) ≈ −(1/ε)·rect((z−θ)/ε); × θ since we learn log θ
-        grad_log_theta_M = -(theta_M / ctx.bandwidth) * (in_window_BM * grad_B[:, None]).sum(0)
-        return None, grad_log_theta_M, None
+        _, theta_M, in_window_BM = _window(ctx, grad_B.dtype)
+        return None, -(theta_M / ctx.bandwidth) * (in_window_BM * grad_B[:, None]).sum(0), None
 
 
 class JumpReLU(ReLU):
