@@ -42,6 +42,7 @@ class SparseAutoencoder(nn.Module):
         self.arch.add_parameters(self)
         # Tokens since each latent last fired (AuxK's dead set).
         self.register_buffer("tokens_since_fired_M", torch.zeros(self.m, dtype=torch.long))
+        self.scratch_pool: dict[tuple, Tensor] = {}
 
     @classmethod
     def from_tensors(cls, spec: SAESpec, tensors: dict[str, Tensor], *, normalize: str = "none", gate: Gate = Gate(),
@@ -128,15 +129,17 @@ class SparseAutoencoder(nn.Module):
         return self.affine(x_BD, out).relu_()  # in place: a pass over [B, m] fewer
 
     def scratch_BM(self, B: int, like: Tensor) -> Tensor | None:
-        """A [B, m] float32 buffer this SAE reuses step after step on the CPU, for pre-activations that
-        live only within one forward (the sparse path's): a fresh one, past glibc's 32 MiB mmap
-        threshold, is mapped and page-faulted anew each step (6 ms of a 127 ms step at B 4,096,
-        m 2,304). None on CUDA, whose caching allocator already reuses its blocks."""
+        """A [B, m] float32 buffer reused step after step on the CPU, for pre-activations that live only
+        within one forward (the sparse path's): a fresh one, past glibc's 32 MiB mmap threshold, is
+        mapped and page-faulted anew each step (6 ms of a 127 ms step at B 4,096, m 2,304). The SAEs of
+        a sweep, which step one after another, share one per shape (scratch_pool, set by the trainer).
+        None on CUDA, whose caching allocator already reuses its blocks."""
         if like.is_cuda:
             return None
-        if getattr(self, "_scratch", None) is None or self._scratch.shape[0] != B:
-            self._scratch = torch.empty(B, self.m, device=like.device)
-        return self._scratch
+        key = (B, self.m, like.device)
+        if key not in self.scratch_pool:
+            self.scratch_pool[key] = torch.empty(B, self.m, device=like.device)
+        return self.scratch_pool[key]
 
     def decode(self, latents_BM: Tensor) -> Tensor:
         """Dense latents back to the SAE's input space (un-normalise with normalize's mult and shift)."""
