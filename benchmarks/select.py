@@ -11,7 +11,7 @@ forward took the encoder's gradient through the dense [B, m] pre-activations, Au
 every column, and the decode embedding_bag's own backward. "now" is train.sae as the trainer runs
 it: `select_batchtopk` (on CPU the sampled-threshold path, on CUDA the plain top-k path), the
 encoder's gradient at the kept entries (KeptEncoderGrad, with the sparse decode), AuxK over the dead
-columns, and W_dec's gradient grouped by a float64 sort (SparseDecode). The step is also timed with
+columns, and the W_dec and W_enc gradients grouped by one int32 sort (column_order). The step is also timed with
 the new selection in the old forward ("new selection only"), which splits the gain. Inputs are the
 pre-activations of a freshly initialised SAE on planted standardised rows; both selections must
 return the same entries. Every step runs AuxK: a tenth of the latents start dead, as in a run under
