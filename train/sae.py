@@ -128,17 +128,17 @@ class SparseAutoencoder(nn.Module):
     def pre_acts(self, x_BD: Tensor, out: Tensor | None = None) -> Tensor:
         return self.affine(x_BD, out).relu_()  # in place: a pass over [B, m] fewer
 
-    def scratch_BM(self, B: int, like: Tensor) -> Tensor | None:
-        """A [B, m] float32 buffer reused step after step on the CPU, for pre-activations that live only
-        within one forward (the sparse path's): a fresh one, past glibc's 32 MiB mmap threshold, is
-        mapped and page-faulted anew each step (6 ms of a 127 ms step at B 4,096, m 2,304). The SAEs of
+    def scratch_BM(self, x_BD: Tensor) -> Tensor | None:
+        """A [B, m] float32 buffer for x_BD's pre-activations, reused step after step on the CPU where they
+        live only within one forward (the sparse path's): a fresh one, past glibc's 32 MiB mmap threshold,
+        is mapped and page-faulted anew each step (6 ms of a 127 ms step at B 4,096, m 2,304). The SAEs of
         a sweep, which step one after another, share one per shape (scratch_pool, set by the trainer).
         None on CUDA, whose caching allocator already reuses its blocks."""
-        if like.is_cuda:
+        if x_BD.is_cuda:
             return None
-        key = (B, self.m, like.device)
+        key = (len(x_BD), self.m, x_BD.device)
         if key not in self.scratch_pool:
-            self.scratch_pool[key] = torch.empty(B, self.m, device=like.device)
+            self.scratch_pool[key] = torch.empty(len(x_BD), self.m, device=x_BD.device)
         return self.scratch_pool[key]
 
     def decode(self, latents_BM: Tensor) -> Tensor:
@@ -185,8 +185,8 @@ class SparseAutoencoder(nn.Module):
     def project_decoder_grad(self) -> None:
         """Remove the gradient component along each unit-norm decoder row (it only changes the norm)."""
         if self.W_dec.grad is not None:
-            along_M = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)  # no [m, d] product in between
-            self.W_dec.grad.addcmul_(along_M[:, None], self.W_dec, value=-1)
+            along_M = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
+            self.W_dec.grad.addcmul_(along_M[:, None], self.W_dec, value=-1)  # no [m, d] temporary to subtract
 
     # -- saving ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -32,7 +32,7 @@ class TopK(Architecture):
         """(pre-activations [B, m], the selected entries carrying the encoder's gradient). On the sparse
         path pre_BM is made without autograd and the gradient flows through the kept entries only."""
         with torch.no_grad() if sae.sparse_decode else contextlib.nullcontext():
-            pre_BM = sae.pre_acts(x_BD, sae.scratch_BM(len(x_BD), x_BD) if sae.sparse_decode else None)
+            pre_BM = sae.pre_acts(x_BD, sae.scratch_BM(x_BD) if sae.sparse_decode else None)
         active = self.select(pre_BM)
         if sae.sparse_decode:
             active = sae.with_encoder_grad(active, x_BD)
