@@ -49,6 +49,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bar
 import torch  # noqa: E402
 
 from benchmarks import sae_cli  # noqa: E402
+from benchmarks.saelens import fit_saelens  # noqa: E402
 from sae.cache.store import open_cache  # noqa: E402
 from sae.config import parse_count, to_jsonable  # noqa: E402
 from sae.evaluate.compare import summary  # noqa: E402
@@ -102,19 +103,10 @@ def training_rows(cfg: TrainConfig) -> torch.Tensor:
 
 def train_saelens(rows_ND: torch.Tensor, cfg: TrainConfig, path: Path) -> Path:
     """SAELens's BatchTopK, trained by its SAETrainer on rows_ND's batches in order, saved as it deploys it."""
-    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
     (spec,) = cfg.specs()
-    torch.manual_seed(cfg.seed)
-    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=rows_ND.shape[1], d_sae=spec.dict_size, k=spec.k))
-    # lr_end: its runner's default, lr / 10 (its default constant schedule never reaches it)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=len(rows_ND), train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
-        lr_end=cfg.lr / 10, device="cpu",
-    )  # fmt: skip
-    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(rows_ND.split(cfg.batch_size))).fit()
+    n, d = rows_ND.shape
+    batches = iter(rows_ND.split(cfg.batch_size))
+    sae = fit_saelens("batchtopk", batches, n, d, spec.dict_size, spec.k, cfg.batch_size, seed=cfg.seed, lr=cfg.lr)
     sae.save_inference_model(path)
     return path
 

@@ -86,7 +86,11 @@ def ours(arch: str, train_RD, held_RD, m: int, k: int, B: int, tmp: Path) -> dic
     return {"tok_s": sum(timed) / seconds, "fvu": fvu(lambda x: sae(x).recon_BD, held_RD, B)}
 
 
-def theirs(arch: str, train_RD, held_RD, m: int, k: int, B: int, dead_tokens: int) -> dict:
+def fit_saelens(arch: str, batches, n_rows: int, d: int, m: int, k: int, B: int, seed: int = 49, lr: float = 3e-4,
+                **trainer_fields):  # fmt: skip
+    """A SAELens BatchTopK or TopK training SAE, seeded, stepped by its own SAETrainer.fit() on `batches`
+    (an iterator of [B, d] rows, n_rows in all) with its runner's defaults (lr_end lr / 10) but
+    trainer_fields; returned after fit()."""
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -95,12 +99,17 @@ def theirs(arch: str, train_RD, held_RD, m: int, k: int, B: int, dead_tokens: in
         "batchtopk": (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE),
         "topk": (TopKTrainingSAEConfig, TopKTrainingSAE),
     }[arch]
-    torch.manual_seed(49)
-    sae = model(config(d_in=train_RD.shape[1], d_sae=m, k=k, device="cpu", dtype="float32"))
+    torch.manual_seed(seed)
+    sae = model(config(d_in=d, d_sae=m, k=k, device="cpu", dtype="float32"))
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=len(train_RD), train_batch_size_samples=B, lr=3e-4, lr_end=3e-5,
-        dead_feature_window=dead_tokens // B, device="cpu",
+        total_training_samples=n_rows, train_batch_size_samples=B, lr=lr, lr_end=lr / 10, device="cpu",
+        **trainer_fields,
     )  # fmt: skip
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches).fit()
+    return sae
+
+
+def theirs(arch: str, train_RD, held_RD, m: int, k: int, B: int, dead_tokens: int) -> dict:
     stamps = []
 
     def batches():
@@ -108,8 +117,8 @@ def theirs(arch: str, train_RD, held_RD, m: int, k: int, B: int, dead_tokens: in
             stamps.append(time.perf_counter())
             yield x_BD
 
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches())
-    trainer.fit()
+    n, d = train_RD.shape
+    sae = fit_saelens(arch, batches(), n, d, m, k, B, dead_feature_window=dead_tokens // B)
     end = time.perf_counter()
     sae.eval()
     timed = len(stamps) - LOG_EVERY  # the same warm-up as ours

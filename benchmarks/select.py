@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import sae.train.sparse as sparse_module
+from benchmarks.step import top_ops
 from benchmarks.train import tokens_per_s
 from sae.train.archs import SAEOutput
 from sae.train.archs.topk import TopK, fired
@@ -159,21 +160,11 @@ def measure_shape(name: str, d: int, m: int, k: int, B: int, device: torch.devic
 
 def profile_step(d: int, m: int, k: int, B: int, steps: int = 4, top: int = 15) -> list[dict]:
     """torch.profiler over whole CPU training steps (selection as now): ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
     cfg = TrainConfig(arch=("batchtopk",), k=(k,), dict_size=(m,), batch_size=B)
     step = step_fn(cfg, d, torch.device("cpu"))
     batches = list(rows(B * (steps + 1), d, k).split(B))
     step(batches[0])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for x in batches[1:]:
-            step(x)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    return [
-        {"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps, "share": e.self_cpu_time_total / total}
-        for e in events[:top]
-    ]
+    return top_ops(step, batches[1:], top)
 
 
 def measure(quick: bool = False, steps: int = 2, repeats: int = 3, tiny: bool = False) -> dict:

@@ -97,8 +97,9 @@ def matmul(d: int, m: int, B: int, device: torch.device, precision: str = "tf32"
     return encode
 
 
-def top_ops(step, batches: list[torch.Tensor]) -> list[tuple[str, int, float]]:
-    """(op, calls per step, self ms per step) of the profiler's largest items over the batches."""
+def top_ops(step, batches: list[torch.Tensor], top: int = TOP_OPS) -> list[dict]:
+    """The profiler's largest items over steps on the batches, by self time (on CUDA: kernel time): each
+    op's calls and ms per step and its share of all the profiled time."""
     cuda = batches[0].is_cuda
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for x in batches:
@@ -106,9 +107,13 @@ def top_ops(step, batches: list[torch.Tensor]) -> list[tuple[str, int, float]]:
         if cuda:
             torch.cuda.synchronize()
     n = len(batches)
-    ms = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # CUDA: kernel time
-    averages = sorted(prof.key_averages(), key=ms, reverse=True)
-    return [(e.key, e.count // n, ms(e) / 1e3 / n) for e in averages[:TOP_OPS]]
+    us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    averages = sorted(prof.key_averages(), key=us, reverse=True)
+    total = sum(us(e) for e in averages)
+    return [
+        {"op": e.key, "calls": e.count // n, "self_ms_per_step": us(e) / 1e3 / n, "share": us(e) / total}
+        for e in averages[:top]
+    ]
 
 
 def measure(shapes: dict, steps: int, cache: str | None, contend: bool, device: torch.device = torch.device("cpu"),
@@ -159,8 +164,9 @@ def report(results: list[dict]) -> None:
     for r in results:
         print(f"\n## {r['arch']}, d {r['d']}, m {r['m']}, B {r['B']}: largest items per step (self time)")
         print("| op | calls | ms | of step |\n|---|---:|---:|---:|")
-        for op, calls, ms in r["ops"]:
-            print(f"| {op} | {calls} | {ms:.1f} | {ms / r['step_ms']:.0%} |")
+        for e in r["ops"]:
+            ms = e["self_ms_per_step"]
+            print(f"| {e['op']} | {e['calls']} | {ms:.1f} | {ms / r['step_ms']:.0%} |")
         if "contended_step_ms" in r:
             step_x, matmul_x = r["contended_step_ms"] / r["step_ms"], r["contended_matmul_ms"] / r["matmul_ms"]
             print(f"beside one single-threaded job: step {r['contended_step_ms']:.1f} ms ({step_x:.2f}×), "

@@ -287,5 +287,7 @@ def test_step(capsys):
         assert (row["d"], row["m"], row["k"], row["B"]) == step.TINY["tiny"]
         assert positive(row["step_ms"], row["matmul_ms"], row["reference_ms"], row["tok_s"])
         assert positive(row["contended_step_ms"], row["contended_matmul_ms"])
-        assert row["ops"] and all(calls >= 1 and ms >= 0 for _, calls, ms in row["ops"])
+        ops = row["ops"]
+        assert ops and all(op["calls"] >= 1 and op["self_ms_per_step"] >= 0 for op in ops)
+        assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
     assert "| d 64, m 512, B 256 | batchtopk |" in out and "beside one single-threaded job" in out
