@@ -19,6 +19,7 @@ in DIR/tiny-gpt2: evaluation loads it again) in chunks of 1,024.
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -26,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import sae_cli  # noqa: E402
+from benchmarks import parse_with_tiny, sae_cli  # noqa: E402
 from benchmarks.models import tiny_gpt2  # noqa: E402
 
 # (name, what it is, sae train flags)
@@ -48,11 +49,7 @@ TINY = {
 TINY_HARVEST = ("--layer", "1", "--tokens", "8192", "--chunk-contexts", "8")
 
 
-def sae(*args: str, in_process: bool = False) -> str:
-    """Run one `sae` command (in this process: --tiny), printing what it prints; returns its stdout."""
-    out = sae_cli.sae(*args, in_process=in_process)
-    print(out, end="")
-    return out
+sae = partial(sae_cli.sae, echo=True)  # one `sae` command (in this process: --tiny), its stdout printed
 
 
 def tiny_cache(out: Path, model: str | None) -> Path:
@@ -253,10 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=6 * 983_040)
     parser.add_argument("--snapshots", default="983040,1966080,2949120,3932160")
     parser.add_argument("--eval-tokens", type=int, default=16_384)
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     if args.stage == "train":
         if args.cache is None and not args.tiny:
             parser.error("train needs --cache (or --tiny, for a tiny harvest)")

@@ -24,6 +24,7 @@ import torch
 
 import sae.evaluate.evaluate as evaluate_module
 import sae.evaluate.splice as splice
+from benchmarks import parse_with_tiny
 from benchmarks.models import model_or_tiny
 from sae.cache.store import open_cache
 from sae.device import resolve_device
@@ -141,10 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--m", type=int, default=2304, help="latents of each random SAE")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     with model_or_tiny(args.model, args.tiny) as model:
         result = measure(model, args.layers, args.counts, args.tokens, args.batch_size, args.m, args.device)
     report(result)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import zarr
 
+from benchmarks import parse_with_tiny
 from benchmarks.mfu import lm_forward_flops_per_token, peak_flops
 from benchmarks.models import model_or_tiny
 from sae.cache.codecs import (
@@ -219,10 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model-dtype", default="float32")
     parser.add_argument("--batch-contexts", type=int, default=32)
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     with model_or_tiny(args.model, args.tiny) as model:
         results = measure(model, args.layer, args.tokens, args.device, args.model_dtype, args.batch_contexts)
     report(results)

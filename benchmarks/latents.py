@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import parse_with_tiny
 from benchmarks.mfu import peak_flops
 from sae.cache.store import open_cache
 from sae.inspect.config import InspectConfig
@@ -125,10 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--rows", type=int, default=1_048_576)
     parser.add_argument("--batch-rows", type=int, default=4096)
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     result = measure(args.d, args.m, args.k, args.rows, args.batch_rows)
     report(result)
     print(json.dumps(result))

@@ -23,6 +23,7 @@ from unittest import mock
 
 import torch
 
+from benchmarks import parse_with_tiny
 from sae.cache.store import open_cache
 from sae.train.loader import Loader
 from tests.synthetic import write_cache
@@ -108,10 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--batch", type=int, default=4096, help="rows per loader batch")
     parser.add_argument("--demand", type=float, default=None, help="a training step's rows/s (benchmarks.train)")
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     result = measure(args.chunks, args.rows, args.d, args.batch)
     report(result, args.demand)
     print(json.dumps(result))

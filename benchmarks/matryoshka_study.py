@@ -18,6 +18,7 @@ the report in DIR/docs.
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -37,10 +38,7 @@ TINY = {"k": 4, "dict_size": 64, "batch_size": 256, "epochs": "1", "l0_coeff": "
 ARCHS = "batchtopk,topk,matryoshka_batchtopk,jumprelu"
 
 
-def sae(*args: str, in_process: bool = False) -> str:
-    out = sae_cli.sae(*args, in_process=in_process)
-    print(out, end="")
-    return out
+sae = partial(sae_cli.sae, echo=True)  # one `sae` command (in this process: --tiny), its stdout printed
 
 
 def tiny_cache(out: Path, model: str | None) -> tuple[str, Path]:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import parse_with_tiny
 from benchmarks.reference import ReferenceSAE
 from sae.cache.store import Cache, open_cache
 from sae.train import trainer
@@ -158,10 +159,7 @@ def parse_args(argv: list[str] | None):
         "--holdout-chunks", type=int, default=2, help="last full cache chunks held out, plus a partial last one"
     )
     parser.add_argument("--out", type=Path, default=None, help="keep our run dirs here (default: a temp dir)")
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     if args.cache is None and not args.tiny:
         parser.error("--cache is required (or --tiny, for a synthetic one)")
     args.archs = args.archs.split(",")

@@ -48,7 +48,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bar
 
 import torch  # noqa: E402
 
-from benchmarks import sae_cli  # noqa: E402
+from benchmarks import parse_with_tiny, sae_cli  # noqa: E402
 from benchmarks.saelens import fit_saelens  # noqa: E402
 from sae.cache.store import open_cache  # noqa: E402
 from sae.config import parse_count, to_jsonable  # noqa: E402
@@ -186,10 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1024, help="~200 steps at the default tokens")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eval-tokens", default="16384")
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     print(json.dumps(run(args)))
 
 

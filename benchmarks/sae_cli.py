@@ -9,10 +9,18 @@ import sys
 from unittest import mock
 
 
-def sae(*args: str, in_process: bool = False) -> str:
-    """Run `sae ARGS` (echoed first) and return what it printed on stdout; its stderr (progress bars)
-    passes through. A failing command raises CalledProcessError either way."""
+def sae(*args: str, in_process: bool = False, echo: bool = False) -> str:
+    """Run `sae ARGS` (the command echoed first) and return what it printed on stdout, also printed here
+    with echo; its stderr (progress bars) passes through. A failing command raises CalledProcessError
+    either way."""
     print("+ sae", " ".join(args), flush=True)
+    out = _run(args, in_process)
+    if echo:
+        print(out, end="")
+    return out
+
+
+def _run(args: tuple[str, ...], in_process: bool) -> str:
     if not in_process:
         return subprocess.run(
             [sys.executable, "-m", "sae", *args], check=True, stdout=subprocess.PIPE, text=True

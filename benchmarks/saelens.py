@@ -29,6 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bar; ours is of
 
 import torch  # noqa: E402
 
+from benchmarks import parse_with_tiny  # noqa: E402
 from sae.cache.store import open_cache  # noqa: E402
 from sae.train.config import TrainConfig  # noqa: E402
 from sae.train.rundir import load_sae  # noqa: E402
@@ -170,10 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=1024, dest="B")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args.cache, args.steps, args.d, args.m, args.k, args.B)

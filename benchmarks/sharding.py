@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from benchmarks import parse_with_tiny
 from sae.cache.codecs import compressors
 
 GPT2_TOKENS, GPT2_CHUNK_ROWS = 10**9, 128 * 128
@@ -82,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--shards", default="1,4,16")
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     result = measure(args.chunks, args.rows, args.d, tuple(int(s) for s in args.shards.split(",")))
     report(result)
     print(json.dumps(result))

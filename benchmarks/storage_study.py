@@ -21,7 +21,7 @@ import json
 from functools import partial
 from pathlib import Path
 
-from benchmarks import sae_cli
+from benchmarks import parse_with_tiny, sae_cli
 from benchmarks.models import model_or_tiny
 
 # --tiny: a tiny GPT-2 (benchmarks.models; built for the run unless --model); 8 chunks, so one is held out
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dict-size", type=int, default=2304)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--eval-tokens", default="16384")
-    args = parser.parse_args(argv)
-    if args.tiny:  # flags given with --tiny still win
-        parser.set_defaults(**TINY)
-        args = parser.parse_args(argv)
+    args = parse_with_tiny(parser, argv, TINY)
     with model_or_tiny(args.model, args.tiny) as model:
         rows = run(args, model)
     (args.out / "storage_study.json").write_text(json.dumps(rows, indent=1))
