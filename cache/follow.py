@@ -19,9 +19,10 @@ STOPPED_AFTER_S = 30.0
 """Seconds without a writer before a waiting reader says which harvest to resume."""
 
 
-def wait_for_cache(where: str, timeout_s: float) -> Cache:
-    """The cache at `where`, waiting up to timeout_s for a harvest to create it and set its target."""
-    deadline, said = time.monotonic() + timeout_s, False
+def wait_for_cache(where: str, timeout_s: float, quiet: bool = False) -> Cache:
+    """The cache at `where`, waiting up to timeout_s for a harvest to create it and set its target;
+    `quiet`: its harvest runs in this process and shows its own progress."""
+    deadline, said = time.monotonic() + timeout_s, quiet
     while not (is_cache(where) and started(open_cache(where))):
         if time.monotonic() > deadline:
             raise UserError(
@@ -44,7 +45,8 @@ class Follower:
     """Waits, on behalf of every reader thread of one cache, until chunks are committed."""
 
     def __init__(self, cache: Cache, stop: threading.Event | None = None, window: Window | None = None):
-        """window: the cache is a stream's (its harvest runs in this process and reports its errors there)."""
+        """window: the cache is a stream's (its harvest runs in this process, shows its own progress, so
+        waits go unsaid, and reports its errors there)."""
         self.cache, self.stop, self.window = cache, stop or threading.Event(), window
         self._lock = threading.Lock()
         self._waiting_since: float | None = None
@@ -73,6 +75,8 @@ class Follower:
         cache.refresh()
         if cache.is_committed(chunk):
             self._waiting_since, self._said_stopped = None, False
+            return
+        if self.window is not None:  # its progress bar says it
             return
         now = time.monotonic()
         if self._waiting_since is None:

@@ -61,8 +61,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, root: Locatio
             window: Window | None = None) -> str:  # fmt: skip
     """Create or extend the cache for cfg; returns its path or URL. `loaded`: cfg's model, already
     loaded on cfg's device (a caller harvesting several times saves the load); `root`: where the cache
-    goes instead of cfg.cache_dir; `window`: a stream's (the harvest waits for room before each chunk,
-    quietly). Under torchrun every rank runs this, and together they write what one process would
+    goes instead of cfg.cache_dir; `window`: a stream's (the harvest waits for room before each chunk;
+    its caller shows the progress of both in one display, sae.stream.streaming). Under torchrun every rank runs this, and together they write what one process would
     (harvest.ranks)."""
     ranks = Ranks()
     device = resolve_device(cfg.device)
@@ -151,8 +151,7 @@ def _harvest_chunks(
         assert not (wait_all and written), f"chunks {sorted(written)} written but not next to commit"
 
     n_chunks, n_mine = -(-target // chunk_contexts), 0
-    quiet = rank != 0 or window is not None  # a stream's trainer shows its own progress
-    with ThreadPoolExecutor(max_workers=WRITERS) as pool, make_progress("tok", quiet=quiet) as progress:
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool, make_progress("tok", quiet=rank != 0) as progress:
         task = progress.add_task(
             "harvest", total=target * ctx_len, completed=first_chunk * chunk_contexts * ctx_len, status=""
         )

@@ -78,19 +78,16 @@ def train_command(
 def train_from_stream(cfg: TrainConfig, config: Path | None, harvest: dict, resume: Path | None) -> list[Path]:
     """Start the stream's harvest (where a resumed run's checkpoint says), train from it, stop it."""
     from sae.pipeline import stream_resume
-    from sae.stream import start_stream, stop_stream, stream_harvest_config
+    from sae.stream import stream_harvest_config, stream_window, streaming
     from sae.train.trainer import run_training
 
     if resume is not None:
         harvest_cfg, resume_at = stream_resume(cfg)
     else:
         harvest_cfg, resume_at = stream_harvest_config(config, harvest, cfg), None
-    stream = start_stream(harvest_cfg, cfg, resume_at)
-    try:
+    with streaming(harvest_cfg, stream_window(harvest_cfg, cfg), resume_at, cfg.holdout_chunks) as stream:
         return run_training(cfg, stream.cache, resume=resume is not None, window=stream.window,
                             source={"harvest_config": to_jsonable(harvest_cfg)})  # fmt: skip
-    finally:
-        stop_stream(stream)
 
 
 @app.command("calibrate")
@@ -167,13 +164,16 @@ def run_command(
     set_: list[str] = typer.Option(
         None, "--set", help="STAGE.KEY=VALUE over the file's value, e.g. train.gate_bos=true; repeatable."
     ),
+    overlap: bool = typer.Option(
+        True, help="Train while the harvest writes the cache (the same SAEs, sooner); --no-overlap: harvest first."
+    ),
 ) -> None:
     """The whole pipeline as pipeline.toml describes it: harvest, train, eval, inspect, compare; ends with
     the comparison table."""
     from sae.evaluate.compare import summary
     from sae.pipeline import run_pipeline
 
-    comparison, page = run_pipeline(config, out, parse_sets(set_ or [], STAGES))
+    comparison, page = run_pipeline(config, out, parse_sets(set_ or [], STAGES), overlap)
     print(summary(comparison))
     if page is not None:
         print(f"latents: {page}")

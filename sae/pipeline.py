@@ -1,10 +1,13 @@
 """Glue between stages that the CLI needs: which cache a `sae train` without --cache means, the
 [train] config with its [[sweep]], a resumed run's saved config, and `sae run` itself."""
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 from sae.cache.store import default_cache_root, find_caches
+from sae.cache.window import Window
 from sae.commands import harvest_command_line
 from sae.config import apply_storage_options, build_config, read_pipeline_toml, stage_config
 from sae.errors import UserError
@@ -67,25 +70,34 @@ def stream_resume(cfg: TrainConfig) -> tuple[HarvestConfig, dict | None]:
 
 
 def run_pipeline(
-    config_path: Path | None, out: Path | None, sets: dict[str, dict] | None = None
+    config_path: Path | None, out: Path | None, sets: dict[str, dict] | None = None, overlap: bool = True
 ) -> tuple[Path, Path | None]:
     """harvest → train (the [train]/[[sweep]] SAEs) → eval each run → inspect the BatchTopK run →
     compare; returns (the comparison folder, the inspect page). Each stage reads its table of
     pipeline.toml, exactly as its own command does, then the overrides in sets[stage]
-    ({"train": {"gate_bos": True}}, from `--set`)."""
+    ({"train": {"gate_bos": True}}, from `--set`). `overlap`: train while the harvest writes (one
+    process; not under torchrun, whose ranks' collectives must not interleave), else harvest first."""
     from sae.evaluate.compare import compare_runs
     from sae.evaluate.config import EvalConfig
     from sae.evaluate.evaluate import evaluate_runs
     from sae.harvest.harvest import harvest
     from sae.inspect.config import InspectConfig
     from sae.inspect.stage import inspect_pipeline_runs
+    from sae.stream import UNBOUNDED, streaming
     from sae.train.trainer import run_training
 
     sets = sets or {}
     apply_storage_options(config_path)
-    cache = harvest(stage_config(HarvestConfig, "harvest", config_path, sets.get("harvest", {})))
-    train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out, "cache": cache})
-    run_dirs = run_training(train_cfg, cache)
+    harvest_cfg = stage_config(HarvestConfig, "harvest", config_path, sets.get("harvest", {}))
+    # The first pass in harvest order either way: the same SAEs overlapped or not, cache reused or not.
+    train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out, "follow": True})
+    if overlap and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        with streaming(harvest_cfg, Window(UNBOUNDED, keep=True)) as stream:
+            train_cfg = dataclasses.replace(train_cfg, cache=stream.cache)
+            run_dirs = run_training(train_cfg, stream.cache, window=stream.window)
+    else:
+        train_cfg = dataclasses.replace(train_cfg, cache=harvest(harvest_cfg))
+        run_dirs = run_training(train_cfg, train_cfg.cache)
     evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, sets.get("eval", {})))
     page = inspect_pipeline_runs(run_dirs, stage_config(InspectConfig, "inspect", config_path, sets.get("inspect", {})))
     out_dir = Path(train_cfg.out)

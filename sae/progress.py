@@ -5,9 +5,11 @@ would appear only at the end, cut to 80 columns; there a plain line per task is 
 SAE_PROGRESS_INTERVAL seconds (30 by default) and once at the end, never cut. Nothing else is printed.
 """
 
+import contextlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -24,6 +26,8 @@ from rich.text import Text
 
 console = Console(stderr=True, soft_wrap=True)  # messages are never cut or broken at 80 columns
 SPEED_PERIOD_S = 300  # rate over the last 5 minutes: a training updates its bar only every log_every steps
+_shared: "Progress | None" = None
+"""The display that stages running at once (a harvest thread and its trainer) share: rich draws one at a time."""
 
 
 class RateColumn(ProgressColumn):
@@ -88,9 +92,11 @@ def _clock(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def make_progress(unit: str, quiet: bool = False) -> Progress:
+def make_progress(unit: str, quiet: bool = False) -> "Progress | contextlib.nullcontext[Progress]":
     """A progress display for tasks that take a `status` field (a short text: loss, L0); `quiet`
-    shows nothing (e.g. ranks other than 0)."""
+    shows nothing (e.g. ranks other than 0). Within shared_progress(), its display."""
+    if _shared is not None and not quiet:
+        return contextlib.nullcontext(_shared)
     if not console.is_terminal:
         progress = PlainProgress(unit, float(os.environ.get("SAE_PROGRESS_INTERVAL", "30")))
         progress.quiet = quiet
@@ -108,3 +114,15 @@ def make_progress(unit: str, quiet: bool = False) -> Progress:
         disable=quiet,
         speed_estimate_period=SPEED_PERIOD_S,
     )
+
+
+@contextlib.contextmanager
+def shared_progress(unit: str) -> Iterator[Progress]:
+    """One display for every stage started within (each adds its bar), for stages that run at once."""
+    global _shared
+    with make_progress(unit) as progress:
+        _shared = progress
+        try:
+            yield progress
+        finally:
+            _shared = None

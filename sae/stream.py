@@ -2,11 +2,14 @@
 and writes into a bounded window in memory (sae.cache.window), or with --keep-cache into its cache on
 disk, and the trainer follows it as it follows any cache being written (sae.cache.follow): one code
 path. A resumed stream first makes the held-out chunks again, then starts where its checkpoint says
-the trainer's block began; the harvest is deterministic, so the rows are the ones the run had."""
+the trainer's block began; the harvest is deterministic, so the rows are the ones the run had. `sae run`
+trains while it harvests the same way, into its cache on disk (a window that keeps its chunks)."""
 
+import contextlib
 import dataclasses
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +22,7 @@ from sae.config import stage_config
 from sae.device import resolve_device
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
+from sae.progress import shared_progress
 from sae.train.config import TrainConfig
 from sae.train.gate import NORM_SAMPLE_CHUNKS
 
@@ -62,24 +66,42 @@ def window_chunks(harvest_cfg: HarvestConfig, cfg: TrainConfig) -> int:
     return cfg.stream_window // chunk_rows
 
 
-def start_stream(harvest_cfg: HarvestConfig, cfg: TrainConfig, resume_at: dict | None) -> Stream:
-    """Load the model and start the harvest thread; `resume_at`: a checkpoint's {"chunk", "stream"}."""
+def stream_window(harvest_cfg: HarvestConfig, cfg: TrainConfig) -> Window:
+    """The window a stream trains from: bounded in memory, or (--keep-cache) its whole cache on disk."""
+    return Window(UNBOUNDED, keep=True) if cfg.keep_cache else Window(window_chunks(harvest_cfg, cfg))
+
+
+@contextlib.contextmanager
+def streaming(harvest_cfg: HarvestConfig, window: Window, resume_at: dict | None = None,
+              holdout_chunks: int = 0) -> Iterator[Stream]:  # fmt: skip
+    """The harvest running in a thread while the body trains from its cache, their progress bars in one
+    display; stopped at the end. `resume_at`: a checkpoint's {"chunk", "stream"}, the stream's first
+    `holdout_chunks` made again first."""
+    with shared_progress("tok"):
+        stream = start_stream(harvest_cfg, window, resume_at, holdout_chunks)
+        try:
+            yield stream
+        finally:
+            stop_stream(stream)
+
+
+def start_stream(harvest_cfg: HarvestConfig, window: Window, resume_at: dict | None = None,
+                 holdout_chunks: int = 0) -> Stream:  # fmt: skip
+    """Load the model and start the harvest thread, into memory or (a window that keeps its chunks) into
+    harvest_cfg's cache on disk, which it extends or resumes as `sae harvest` would."""
     from sae.harvest.harvest import build_spec, harvest
     from sae.harvest.model import load_model
     from sae.harvest.text import DatasetSource
 
     loaded = load_model(harvest_cfg.model, harvest_cfg.model_dtype, str(resolve_device(harvest_cfg.device)))
-    if cfg.keep_cache:
-        root, window = default_cache_root(harvest_cfg.cache_dir), Window(UNBOUNDED, keep=True)
+    if window.keep:
+        root = default_cache_root(harvest_cfg.cache_dir)
     else:
-        root, window = (
-            MemoryLocation(f"memory://stream-{uuid.uuid4().hex[:8]}"),
-            Window(window_chunks(harvest_cfg, cfg)),
-        )
+        root = MemoryLocation(f"memory://stream-{uuid.uuid4().hex[:8]}")
     location = root.child(cache_dir_name(build_spec(harvest_cfg, loaded, DatasetSource.resolve(harvest_cfg.dataset))))
-    if resume_at is not None and not cfg.keep_cache:
+    if resume_at is not None and not window.keep:
         held = dataclasses.replace(
-            harvest_cfg, tokens=cfg.holdout_chunks * harvest_cfg.chunk_contexts * harvest_cfg.ctx_len
+            harvest_cfg, tokens=holdout_chunks * harvest_cfg.chunk_contexts * harvest_cfg.ctx_len
         )
         harvest(held, loaded, root, window)  # the held-out chunks, made first as the stream first made them
         skip_to(location, resume_at, harvest_cfg.tokens // harvest_cfg.ctx_len)

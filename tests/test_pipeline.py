@@ -4,11 +4,16 @@ import csv
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from sae.train.rundir import WEIGHTS
 from tests.test_cli import run_sae
 
 
 def test_sae_run_makes_every_artifact(monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path):
+    """Trained while the harvest writes; harvested first instead (here from the cache the first run left),
+    the same SAEs to the bit."""
     config = tmp_path / "pipeline.toml"
     config.write_text(f"""
 [harvest]
@@ -39,6 +44,9 @@ device = "cpu"
 """)
     code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
     assert code == 0, err
+    # one display for the two stages at once; the harvest's bar, not a message, says what training waits for
+    finished = [line.split(":")[0] for line in err.splitlines() if "(100%)" in line]
+    assert finished[:2] == ["harvest", "train 2 SAE(s)"] and "waiting for" not in err
     comparison = tmp_path / "runs-comparison"
     lines = out.strip().splitlines()
     assert lines[-1] == str(comparison) and lines[0].split() == [
@@ -68,3 +76,11 @@ device = "cpu"
     assert [row["name"] for row in rows] == ["batchtopk_k4_m64", "topk_k4_m64"]
     assert float(rows[1]["l0_mean"]) == 4.0
     assert (comparison / "nmse_vs_l0.png").exists() and (comparison / "ce_degradation_vs_l0.png").exists()
+    code, out, err = run_sae(
+        monkeypatch, capsys, "run", "--config", str(config), "--no-overlap", "--out", str(tmp_path / "again")
+    )
+    assert code == 0, err
+    assert "already holds 2,560 tokens" in err  # the cache the first run wrote, not harvested again
+    for run in runs:
+        first, again = load_file(run / WEIGHTS), load_file(tmp_path / "again" / run.name / WEIGHTS)
+        assert all(torch.equal(first[name], again[name]) for name in first)

@@ -13,7 +13,7 @@ from sae.config import to_jsonable
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.harvest.harvest import harvest
-from sae.stream import start_stream, stop_stream, stream_harvest_config, window_chunks
+from sae.stream import stream_harvest_config, stream_window, streaming, window_chunks
 from sae.train.config import TrainConfig
 from sae.train.rundir import WEIGHTS
 from sae.train.trainer import run_training
@@ -49,13 +49,10 @@ def test_a_stream_trains_the_sae_a_follow_of_its_cache_would_and_stays_in_its_wi
     cfg = config(tmp_path / "streamed")
     harvest_cfg = stream_harvest_config(None, sources, cfg)
     assert harvest_cfg.tokens == (12 + 1) * 256  # 12 chunks for the training tokens and one held out
-    stream = start_stream(harvest_cfg, cfg, None)
-    try:
+    with streaming(harvest_cfg, stream_window(harvest_cfg, cfg)) as stream:
         streamed = run_training(
             cfg, stream.cache, window=stream.window, source={"harvest_config": to_jsonable(harvest_cfg)}
         )
-    finally:
-        stop_stream(stream)
     assert stream.window.size == window_chunks(harvest_cfg, cfg) == 1 + 4 + 2  # held out, sampled, a block
     assert 1 <= stream.window.peak <= stream.window.size
     record = json.loads((streamed[0] / "cfg.json").read_text())
@@ -77,15 +74,24 @@ def test_a_stream_killed_after_a_checkpoint_resumes_to_the_same_weights(sources,
 
     cfg = config(tmp_path / "killed")
     harvest_cfg = stream_harvest_config(None, sources, cfg)
-    stream = start_stream(harvest_cfg, cfg, None)
     source = {"harvest_config": to_jsonable(harvest_cfg)}
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), streaming(harvest_cfg, stream_window(harvest_cfg, cfg)) as stream:
         run_training(cfg, stream.cache, window=stream.window, on_batch=killed, source=source)
-    stop_stream(stream)
     position = torch.load(sorted((tmp_path / "killed" / "topk_k4_m64").glob("checkpoint-*.pt"))[-1])["loader"][0]
     assert position["stream"]["chunk"] > 1  # the resumed stream skips the chunks already trained on
     resumed = train_from_stream(cfg, None, {}, tmp_path / "killed" / "topk_k4_m64")
     assert_same_weights(whole, resumed)
+
+
+def test_a_stream_kept_on_disk_is_a_cache_the_next_stream_reuses(sources, tmp_path):
+    """--keep-cache: the second stream's harvest finds its cache complete, and trains (checkpoints too) from it."""
+    kept = {**sources, "cache_dir": str(tmp_path / "caches")}
+    first = train_from_stream(config(tmp_path / "first", keep_cache=True), None, kept, None)
+    (cache,) = (tmp_path / "caches").iterdir()
+    written = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
+    again = train_from_stream(config(tmp_path / "again", keep_cache=True), None, kept, None)
+    assert {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()} == written
+    assert_same_weights(first, again)
 
 
 def test_stream_settings_that_cannot_work_are_one_line_errors(sources, tmp_path, monkeypatch, capsys):

@@ -47,11 +47,14 @@ def run_training(cfg: TrainConfig, cache: "str | Path | Cache", resume: bool = F
     configure_backend(device, cfg.precision)
     follower = None
     if not isinstance(cache, Cache):
-        cache = wait_for_cache(str(cache), cfg.follow_timeout) if cfg.harvest_order else open_cache(cache)
-    if cfg.harvest_order and cache.complete:
-        console.print(f"cache {cache.path} is complete: nothing to wait for (--follow keeps its order of chunks)")
-    elif cfg.harvest_order:
+        if cfg.harvest_order:
+            cache = wait_for_cache(str(cache), cfg.follow_timeout, quiet=window is not None)
+        else:
+            cache = open_cache(cache)
+    if cfg.harvest_order and not cache.complete:
         follower = Follower(cache, window=window)
+    elif cfg.harvest_order and window is None:  # said once
+        console.print(f"cache {cache.path} is complete: nothing to wait for (its first pass keeps harvest order)")
     plan = plan_training(cfg, cache, world, follower, saved_setups(cfg) if resume else None)
     plan = plan._replace(source=source)
     setups = [plan.setups[layer] for layer in plan.sae_layers]
@@ -194,9 +197,10 @@ def training_record(cfg: TrainConfig, plan: Plan, step: int, i: int) -> dict:
 
 def checkpoint(cfg: TrainConfig, plan: Plan, state: TrainState, loader: Loader, rank: int, world: int) -> None:
     """Every run's checkpoint and its run dir as it stands (with eq. 7's θ between checkpoints); rank 0.
-    A stream's checkpoint also records where its harvest must start again."""
+    A stream's checkpoint in memory also records where its harvest must start again (one on disk resumes
+    from its cache)."""
     position = loader.position
-    if loader.window is not None and position["epoch"] == 0:
+    if loader.window is not None and not loader.window.keep and position["epoch"] == 0:
         position = {**position, "stream": loader.stream_point()}
     positions = [None] * world
     if world > 1:
