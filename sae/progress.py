@@ -47,6 +47,7 @@ class PlainProgress(Progress):
         super().__init__(console=console, disable=True, speed_estimate_period=SPEED_PERIOD_S)
         self.unit, self.interval, self.quiet = unit, interval, False
         self._started_at: dict = {}
+        self._said_finished: set = set()  # a finished task's line is said once, not with its neighbours' each time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._report_every_interval, daemon=True, name="sae-progress")
 
@@ -67,12 +68,16 @@ class PlainProgress(Progress):
         if self.quiet:
             return
         for task in self.tasks:
+            if task.id in self._said_finished:
+                continue
+            if task.finished:
+                self._said_finished.add(task.id)
             speed = task.finished_speed or task.speed or self._average_speed(task)
             done = f"{task.completed:,.0f}/{task.total:,.0f} {self.unit} ({task.percentage:.0f}%)"
             rate = f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s"
             eta = f"ETA {_clock((task.total - task.completed) / speed)}" if speed else "ETA -"
             status = f" | {task.fields['status']}" if task.fields.get("status") else ""
-            print(f"{task.description}: {done}, {rate}, elapsed {_clock(task.elapsed)}, {eta}{status}",
+            print(f"{task.description}: {done}, {rate}, elapsed {_clock(task.finished_time or task.elapsed)}, {eta}{status}",
                   file=sys.stderr, flush=True)  # fmt: skip
 
     def add_task(self, *args, **kwargs):

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -80,3 +81,22 @@ def test_without_a_terminal_progress_is_plain_lines_never_cut(tmp_path):
     last = lines[-1]
     assert "1,792/1,792 tok (100%)" in last and "tok/s" in last and "ETA" in last and len(last) > 120
     assert "batchtopk_k4_m64: loss" in last and "topk_k4_m64: loss" in last
+
+
+def test_stages_running_at_once_share_one_display_and_a_finished_stage_is_said_once(monkeypatch, capsys):
+    """`sae run`'s harvest thread and its training: rich draws one live display at a time, so they share
+    one; in plain lines the finished harvest is not repeated beside the training's every interval."""
+    from sae import progress
+
+    monkeypatch.setenv("SAE_PROGRESS_INTERVAL", "0.02")
+    with progress.shared_progress("tok") as shared:
+        with progress.make_progress("tok") as harvest:
+            harvest.update(harvest.add_task("harvest", total=10, status=""), completed=10)
+        with progress.make_progress("tok") as train:
+            task = train.add_task("train", total=10, status="")
+            time.sleep(0.2)  # several intervals
+            train.update(task, completed=10)
+    assert harvest is train is shared
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines].count("harvest") == 1 and len(lines) >= 4
+    assert lines[-1].startswith("train: 10/10 tok (100%)")
