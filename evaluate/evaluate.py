@@ -73,7 +73,7 @@ def _check_model(run: Run, loaded: LoadedModel) -> None:
             f"run {run.path}: the SAE has d_in={run.cfg['d_in']} but {spec['model']} {spec['site']} layer "
             f"{run.layer} has d_model={loaded.d_model}; evaluate it on the model and site it was trained on"
         )
-    if run.cache is None:  # an imported SAE evaluated on text: no cache to agree with
+    if run.imported is not None and run.cache is None:  # evaluated on text: no harvest to agree with
         return
     if spec["model_revision"].startswith("sha256:") and loaded.revision != spec["model_revision"]:
         raise UserError(

@@ -10,6 +10,7 @@ import torch
 
 from sae.cache.store import Cache, default_cache_root
 from sae.commands import harvest_command_line
+from sae.config import build_config
 from sae.device import resolve_device
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
@@ -32,6 +33,12 @@ def read_inspected(run_dir: Path, cfg: InspectConfig) -> Run:
     """The run and a cache of its rows: its training cache, or for another library's SAE a cache of its
     model's residual stream at its site (else one line with the `sae harvest` that makes one)."""
     run = read_run(run_dir, cfg.cache, cfg.model, cfg.site, cfg.layer)
+    if run.cache is None and run.imported is None:
+        harvest = build_config(HarvestConfig, run.cfg["stream"]["harvest_config"], {}, f"{run.path} stream")
+        raise UserError(
+            f"run {run.path} was trained from a stream it did not keep, and sae inspect reads rows from a cache: "
+            f"make its rows with `{harvest_command_line(harvest)}` and pass --cache (or train with --keep-cache)"
+        )
     if run.cache is None:
         spec = run.spec
         harvest = HarvestConfig(model=spec["model"], layers=(run.layer,), site=spec["site"], ctx_len=spec["ctx_len"])

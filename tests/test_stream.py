@@ -94,6 +94,32 @@ def test_a_stream_kept_on_disk_is_a_cache_the_next_stream_reuses(sources, tmp_pa
     assert_same_weights(first, again)
 
 
+def test_a_stream_run_without_its_cache_is_evaluated_on_the_text_after_the_stream(
+    sources, tmp_path, monkeypatch, capsys
+):
+    """No cache on disk: `sae eval` holds out the documents after where the stream ended, as it would
+    after the same rows' cache (the same contexts and scores); `sae inspect` says how to make that cache."""
+    (run, _) = train_from_stream(config(tmp_path / "streamed"), None, sources, None)
+    harvest_cfg = json.loads((run / "cfg.json").read_text())["stream"]["harvest_config"]
+    evaluate = ["eval", str(run), "--tokens", "256", "--device", "cpu"]
+    code, _, err = run_sae(monkeypatch, capsys, *evaluate)
+    assert code == 0, err
+    streamed = json.loads((run / "eval.json").read_text())
+    assert streamed["eval_spec"]["start_doc"] > 0 and streamed["eval_spec"]["mean_ablation"] == "evaluation_contexts"
+    code, _, err = run_sae(monkeypatch, capsys, "inspect", str(run), "--device", "cpu")
+    assert code == 1 and "was trained from a stream it did not keep" in err and "sae harvest --model" in err
+    cache = harvest(HarvestConfig(**{**harvest_cfg, "cache_dir": str(tmp_path / "caches")}))  # the same rows
+    code, _, err = run_sae(monkeypatch, capsys, *evaluate, "--cache", cache)
+    assert code == 0, err
+    cached = json.loads((run / "eval.json").read_text())
+    assert cached["eval_spec"]["tokens_sha256"] == streamed["eval_spec"]["tokens_sha256"]
+    assert (cached["nmse"], cached["ce_spliced"], cached["l0_mean"]) == (
+        streamed["nmse"],
+        streamed["ce_spliced"],
+        streamed["l0_mean"],
+    )
+
+
 def test_stream_settings_that_cannot_work_are_one_line_errors(sources, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="--stream needs --tokens"):
         stream_harvest_config(None, sources, config(tmp_path, tokens=None))

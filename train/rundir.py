@@ -131,7 +131,8 @@ class Run:
     cfg: dict
     """The run's cfg.json; for an imported SAE, the cfg.json ours would have (run_cfg) and its "source"."""
     cache: Cache | None
-    """The training cache; for an imported SAE a cache of its model and site, or None (none found)."""
+    """The training cache; for an imported SAE a cache of its model and site, or None (none found); None
+    for a run trained from a stream in memory (--stream without --keep-cache)."""
     layer: int
     imported: Imported | None = None
     """An SAE another library trained (train.formats), as read; None: one of ours."""
@@ -217,6 +218,8 @@ def read_run(run_dir: str | Path, cache: str | Path | None = None, model: str | 
         return imported_run(run_dir, FORMATS[found].read(run_dir), cache, model, site, layer)
     cfg = json.loads((run_dir / CFG).read_text())
     recorded = cfg["cache"]
+    if cache is None and recorded["path"].startswith("memory://") and "stream_end" in cfg.get("stream", {}):
+        return Run(run_dir, cfg, None, recorded["layer"])  # trained from a stream whose rows were not kept
     location = as_location(cache if cache is not None else recorded["path"])
     if cache is not None and not is_cache(location):  # a folder of caches: the run's is among them
         location = next((c.location for c in list_caches(location) if c.key == recorded["key"]), location)

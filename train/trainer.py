@@ -192,7 +192,10 @@ def training_record(cfg: TrainConfig, plan: Plan, step: int, i: int) -> dict:
         "input": plan.setups[plan.sae_layers[i]].record(cfg.normalize), "train_config": to_jsonable(cfg),
         "versions": library_versions(),
     }  # fmt: skip
-    return record if plan.source is None else {**record, "stream": plan.source}
+    if plan.source is None:
+        return record
+    plan.cache.refresh()  # a stream's cache in memory goes with it: its evaluation needs where the text it read ends
+    return {**record, "stream": {**plan.source, "stream_end": plan.cache.meta["stream_end"]}}
 
 
 def checkpoint(cfg: TrainConfig, plan: Plan, state: TrainState, loader: Loader, rank: int, world: int) -> None:
