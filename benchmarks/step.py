@@ -8,7 +8,8 @@
 
 For each shape and architecture (BatchTopK, TopK) in one run on this device: the step's median time
 (train.trainer.train_step, what `sae train` runs for each SAE), the encoder matmul alone at the same
-shapes (torch.addmm [B, d] @ [d, m], the floor), their ratio (the matmul's share of a step), the plain
+shapes (torch.addmm [B, d] @ [d, m], the floor; on the CPU also into a reused buffer, as the step's),
+their ratio (the matmul's share of a step), the plain
 reference step (benchmarks.reference, BatchTopK) and our speed-up over it, and the profiler's
 largest items per step. Rows are planted activations (tests.synthetic) unless --cache names a cache of the shape's d.
 """
@@ -86,13 +87,16 @@ def our_step(arch: str, m: int, k: int, first_BD: torch.Tensor, precision: str =
     return lambda x: train_step(sae, sae, opt, x, cfg, 1, dead)
 
 
-def matmul(d: int, m: int, B: int, device: torch.device, precision: str = "tf32"):
-    """The floor: the encoder's forward matmul alone at the step's precision (bf16: autocast's)."""
+def matmul(d: int, m: int, B: int, device: torch.device, precision: str = "tf32", reuse: bool = False):
+    """The floor: the encoder's forward matmul alone at the step's precision (bf16: autocast's), into a
+    fresh output (the issue's floor) or, `reuse`, into one reused buffer as the step's on the CPU (a
+    fresh [B, m] output's page faults are part of the first floor, and of no step)."""
     W_DM, bias_M = torch.randn(d, m, device=device) / d**0.5, torch.zeros(m, device=device)
+    out_BM = torch.empty(B, m, device=device) if reuse else None
 
     def encode(x_BD):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return torch.addmm(bias_M, x_BD, W_DM)
+            return torch.addmm(bias_M, x_BD, W_DM, out=out_BM)
 
     return encode
 
@@ -123,13 +127,15 @@ def measure(shapes: dict, steps: int, cache: str | None, contend: bool, device: 
     for shape, (d, m, k, B) in shapes.items():
         batches = rows(d, B, steps + 3, cache, device)
         floor_ms = median_ms(matmul(d, m, B, device, precision), batches)
+        reused_ms = median_ms(matmul(d, m, B, device, precision, reuse=True), batches) if device.type == "cpu" else None
         reference_ms = median_ms(ReferenceSAE("batchtopk", d, m, k, device=device).step, batches)
         for arch in ARCHS:
             step = our_step(arch, m, k, batches[0], precision)
             step_ms = median_ms(step, batches)
             result = {"shape": shape, "d": d, "m": m, "k": k, "B": B, "arch": arch, "step_ms": step_ms}
             result.update(device=str(device), precision=precision)
-            result.update(matmul_ms=floor_ms, reference_ms=reference_ms, tok_s=B / step_ms * 1e3)
+            result.update(matmul_ms=floor_ms, matmul_reused_ms=reused_ms, reference_ms=reference_ms)
+            result["tok_s"] = B / step_ms * 1e3
             result["ops"] = top_ops(step, batches[-3:])
             if contend:
                 with contender():
@@ -154,13 +160,16 @@ class contender:
 def report(results: list[dict]) -> None:
     where = f"{results[0]['device']}, {results[0]['precision']}" if results else ""
     print(f"# {where}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
-    print("| shape | arch | step ms | tok/s | matmul ms | matmul share | reference ms | vs reference |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| shape | arch | step ms | tok/s | matmul ms | matmul share | reused-buffer matmul ms | its share "
+          "| reference ms | vs reference |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         name = f"d {r['d']}, m {r['m']}, B {r['B']}"
         share, speedup = r["matmul_ms"] / r["step_ms"], r["reference_ms"] / r["step_ms"]
+        reused = r["matmul_reused_ms"]
+        reused_cells = f"{reused:.1f} | {reused / r['step_ms']:.0%}" if reused is not None else "- | -"
         print(f"| {name} | {r['arch']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['matmul_ms']:.1f} "
-              f"| {share:.0%} | {r['reference_ms']:.1f} | {speedup:.2f}× |")  # fmt: skip
+              f"| {share:.0%} | {reused_cells} | {r['reference_ms']:.1f} | {speedup:.2f}× |")  # fmt: skip
     for r in results:
         print(f"\n## {r['arch']}, d {r['d']}, m {r['m']}, B {r['B']}: largest items per step (self time)")
         print("| op | calls | ms | of step |\n|---|---:|---:|---:|")
