@@ -136,14 +136,10 @@ class LocalLocation:
         """Nothing to check before writing: a local error names its path when it happens."""
 
 
-@dataclass(frozen=True)
-class ObjectLocation:
-    url: str
-    store: Any = field(default=None, compare=False, repr=False)
+class KnownByURL:
+    """The name and text of a location that is a URL (an object store's, or memory://)."""
 
-    def __post_init__(self) -> None:
-        if self.store is None:
-            object.__setattr__(self, "store", _object_store(self.url))
+    url: str
 
     @property
     def name(self) -> str:
@@ -151,6 +147,16 @@ class ObjectLocation:
 
     def __str__(self) -> str:
         return self.url
+
+
+@dataclass(frozen=True)
+class ObjectLocation(KnownByURL):
+    url: str
+    store: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            object.__setattr__(self, "store", _object_store(self.url))
 
     def child(self, name: str) -> "ObjectLocation":
         return ObjectLocation(f"{self.url}/{name}")
@@ -270,18 +276,11 @@ _MEMORY_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
-class MemoryLocation:
+class MemoryLocation(KnownByURL):
     """A location in this process's memory (a zarr MemoryStore): what a stream's harvest writes and its
     trainer reads, one window of chunks at a time. Gone when the process ends."""
 
     url: str
-
-    @property
-    def name(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-    def __str__(self) -> str:
-        return self.url
 
     @property
     def _objects(self) -> dict:
