@@ -19,11 +19,14 @@ STOPPED_AFTER_S = 30.0
 """Seconds without a writer before a waiting reader says which harvest to resume."""
 
 
-def wait_for_cache(where: str, timeout_s: float, quiet: bool = False) -> Cache:
+def wait_for_cache(where: str, timeout_s: float, window: Window | None = None) -> Cache:
     """The cache at `where`, waiting up to timeout_s for a harvest to create it and set its target;
-    `quiet`: its harvest runs in this process and shows its own progress."""
-    deadline, said = time.monotonic() + timeout_s, quiet
+    `window`: a stream's, whose harvest runs in this process, shows its own progress and reports its
+    errors there (one before it made the cache, e.g. a store it cannot reach, is raised at once)."""
+    deadline, said = time.monotonic() + timeout_s, window is not None
     while not (is_cache(where) and started(open_cache(where))):
+        if window is not None and window.error is not None:
+            raise window.error
         if time.monotonic() > deadline:
             raise UserError(
                 f"{where} did not become an activation cache within {timeout_s:g} s; start its `sae harvest` "

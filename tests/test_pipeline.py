@@ -84,3 +84,27 @@ device = "cpu"
     for run in runs:
         first, again = load_file(run / WEIGHTS), load_file(tmp_path / "again" / run.name / WEIGHTS)
         assert all(torch.equal(first[name], again[name]) for name in first)
+
+
+def test_sae_run_whose_harvest_fails_in_its_thread_says_why_at_once(
+    monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path
+):
+    """The harvest thread fails before it makes the cache: the training waiting for it raises that error
+    (not, after --follow-timeout, that no cache appeared)."""
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f"""
+[harvest]
+model = "{tiny_llama}"
+dataset = "{sample_parquet}"
+text_column = "body"
+device = "cpu"
+cache_dir = "{tmp_path / "caches"}"
+
+[train]
+follow_timeout = 20  # what a regression would wait for
+device = "cpu"
+out = "{tmp_path / "runs"}"
+""")
+    code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: dataset") and "has no column 'body'" in err
+    assert out == ""

@@ -48,7 +48,7 @@ def run_training(cfg: TrainConfig, cache: "str | Path | Cache", resume: bool = F
     follower = None
     if not isinstance(cache, Cache):
         if cfg.harvest_order:
-            cache = wait_for_cache(str(cache), cfg.follow_timeout, quiet=window is not None)
+            cache = wait_for_cache(str(cache), cfg.follow_timeout, window)
         else:
             cache = open_cache(cache)
     if cfg.harvest_order and not cache.complete:
