@@ -91,6 +91,7 @@ def run_pipeline(
     harvest_cfg = stage_config(HarvestConfig, "harvest", config_path, sets.get("harvest", {}))
     # The first pass in harvest order either way: the same SAEs overlapped or not, cache reused or not.
     train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out, "follow": True})
+    check_runs_free(train_cfg)
     if overlap and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         with streaming(harvest_cfg, Window(UNBOUNDED, keep=True)) as stream:
             train_cfg = dataclasses.replace(train_cfg, cache=stream.cache)
@@ -103,3 +104,16 @@ def run_pipeline(
     out_dir = Path(train_cfg.out)
     # beside the runs, not among them: `sae eval runs/*` and `sae compare runs/*` must see only runs
     return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison")), page
+
+
+def check_runs_free(cfg: TrainConfig) -> None:
+    """Before anything runs: `sae run` trains from the start, so a run already in its way is an error
+    now, not after the harvest."""
+    from sae.train.rundir import CFG
+
+    held = next((Path(cfg.out) / s.name for s in cfg.specs() if (Path(cfg.out) / s.name / CFG).exists()), None)
+    if held is not None:
+        raise UserError(
+            f"{held} already holds a run, and sae run trains from the start: choose another --out (or continue "
+            f"that training with `sae train --resume {held}`)"
+        )

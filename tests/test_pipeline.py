@@ -84,6 +84,13 @@ device = "cpu"
     for run in runs:
         first, again = load_file(run / WEIGHTS), load_file(tmp_path / "again" / run.name / WEIGHTS)
         assert all(torch.equal(first[name], again[name]) for name in first)
+    code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))  # into the runs of the first
+    assert (
+        code == 1
+        and err
+        == f"error: {runs[0]} already holds a run, and sae run trains from the start: choose "
+        f"another --out (or continue that training with `sae train --resume {runs[0]}`)\n"
+    )
 
 
 def test_sae_run_whose_harvest_fails_in_its_thread_says_why_at_once(
