@@ -127,7 +127,9 @@ def measure(shapes: dict, steps: int, cache: str | None, contend: bool, device: 
     for shape, (d, m, k, B) in shapes.items():
         batches = rows(d, B, steps + 3, cache, device)
         floor_ms = median_ms(matmul(d, m, B, device, precision), batches)
-        reused_ms = median_ms(matmul(d, m, B, device, precision, reuse=True), batches) if device.type == "cpu" else None
+        # autocast has no out= variants: bf16's floor is the fresh one's
+        reusable = device.type == "cpu" and precision != "bf16"
+        reused_ms = median_ms(matmul(d, m, B, device, precision, reuse=True), batches) if reusable else None
         reference_ms = median_ms(ReferenceSAE("batchtopk", d, m, k, device=device).step, batches)
         for arch in ARCHS:
             step = our_step(arch, m, k, batches[0], precision)

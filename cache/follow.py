@@ -22,9 +22,10 @@ STOPPED_AFTER_S = 30.0
 def wait_for_cache(where: str, timeout_s: float, window: Window | None = None) -> Cache:
     """The cache at `where`, waiting up to timeout_s for a harvest to create it and set its target;
     `window`: a stream's, whose harvest runs in this process, shows its own progress and reports its
-    errors there (one before it made the cache, e.g. a store it cannot reach, is raised at once)."""
+    errors there (one before it made the cache, e.g. a store it cannot reach, is raised at once); the
+    cache is then ready once the harvest has set its target, which may extend a cache already there."""
     deadline, said = time.monotonic() + timeout_s, window is not None
-    while not (is_cache(where) and started(open_cache(where))):
+    while not ((window is None or window.ready.is_set()) and is_cache(where) and started(open_cache(where))):
         if window is not None and window.error is not None:
             raise window.error
         if time.monotonic() > deadline:

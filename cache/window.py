@@ -25,6 +25,8 @@ class Window:
         self.starts: dict[int, dict] = {}
         """Where the token stream stood at the start of each chunk admitted: a resume point."""
         self.error: BaseException | None = None
+        self.ready = threading.Event()
+        """Set once the harvest has set the cache's target (or found it reached): a trainer may plan."""
         self._cond = threading.Condition()
         self._closed, self.keep = False, keep
 

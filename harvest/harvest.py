@@ -90,6 +90,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, root: Locatio
             ranks.barrier()  # the arrays exist at their size: the other ranks may open them
             if not leader:
                 writer = open_writer(location, spec, storage, loaded.d_model, provenance)
+            if window is not None:
+                window.ready.set()  # the target is set: the stream's trainer may plan from it
             if writer.n_contexts >= target_contexts:
                 if leader:
                     console.print(

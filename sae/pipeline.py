@@ -10,6 +10,7 @@ from sae.cache.store import default_cache_root, find_caches
 from sae.cache.window import Window
 from sae.commands import harvest_command_line
 from sae.config import apply_storage_options, build_config, read_pipeline_toml, stage_config
+from sae.device import resolve_device
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.train.config import SWEEP_KEYS, TrainConfig
@@ -84,16 +85,18 @@ def run_pipeline(
     from sae.inspect.config import InspectConfig
     from sae.inspect.stage import inspect_pipeline_runs
     from sae.stream import UNBOUNDED, streaming
-    from sae.train.trainer import run_training
+    from sae.train.trainer import configure_backend, run_training
 
     sets = sets or {}
     apply_storage_options(config_path)
     harvest_cfg = stage_config(HarvestConfig, "harvest", config_path, sets.get("harvest", {}))
     # The first pass in harvest order either way: the same SAEs overlapped or not, cache reused or not.
     train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out, "follow": True})
-    check_runs_free(train_cfg)
+    check_runs_free(train_cfg, list(train_cfg.layer or harvest_cfg.layers))
+    # One backend setting (CUDA's TF32) for the process: the harvest runs under the training's either way.
+    configure_backend(resolve_device(harvest_cfg.device), train_cfg.precision)
     if overlap and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        with streaming(harvest_cfg, Window(UNBOUNDED, keep=True)) as stream:
+        with streaming(harvest_cfg, Window(UNBOUNDED, keep=True), precision=train_cfg.precision) as stream:
             train_cfg = dataclasses.replace(train_cfg, cache=stream.cache)
             run_dirs = run_training(train_cfg, stream.cache, window=stream.window)
     else:
@@ -106,12 +109,14 @@ def run_pipeline(
     return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison")), page
 
 
-def check_runs_free(cfg: TrainConfig) -> None:
+def check_runs_free(cfg: TrainConfig, layers: list[int]) -> None:
     """Before anything runs: `sae run` trains from the start, so a run already in its way is an error
     now, not after the harvest."""
+    from sae.train.plan import sweep_specs
     from sae.train.rundir import CFG
 
-    held = next((Path(cfg.out) / s.name for s in cfg.specs() if (Path(cfg.out) / s.name / CFG).exists()), None)
+    run_dirs = [Path(cfg.out) / spec.name for spec in sweep_specs(cfg, layers)]
+    held = next((run_dir for run_dir in run_dirs if (run_dir / CFG).exists()), None)
     if held is not None:
         raise UserError(
             f"{held} already holds a run, and sae run trains from the start: choose another --out (or continue "

@@ -73,27 +73,40 @@ def stream_window(harvest_cfg: HarvestConfig, cfg: TrainConfig) -> Window:
 
 @contextlib.contextmanager
 def streaming(harvest_cfg: HarvestConfig, window: Window, resume_at: dict | None = None,
-              holdout_chunks: int = 0) -> Iterator[Stream]:  # fmt: skip
+              holdout_chunks: int = 0, precision: str = "tf32") -> Iterator[Stream]:  # fmt: skip
     """The harvest running in a thread while the body trains from its cache, their progress bars in one
-    display; stopped at the end. `resume_at`: a checkpoint's {"chunk", "stream"}, the stream's first
-    `holdout_chunks` made again first."""
+    display. At the end a harvest to disk finishes (so its cache is the one a harvest alone would make),
+    one into memory stops; an error of the harvest the body did not meet is raised then. `resume_at`: a
+    checkpoint's {"chunk", "stream"}, the stream's first `holdout_chunks` made again first; `precision`:
+    the training's (sae.train.trainer.configure_backend)."""
     with shared_progress("tok"):
-        stream = start_stream(harvest_cfg, window, resume_at, holdout_chunks)
+        stream = start_stream(harvest_cfg, window, resume_at, holdout_chunks, precision)
         try:
             yield stream
-        finally:
+        except BaseException:
             stop_stream(stream)
+            raise
+        if window.keep:  # a cache on disk is left whole, whatever part of it the training read
+            stream.thread.join()
+        stop_stream(stream)
+        if window.error is not None:  # one the training did not wait long enough to see
+            raise window.error
 
 
 def start_stream(harvest_cfg: HarvestConfig, window: Window, resume_at: dict | None = None,
-                 holdout_chunks: int = 0) -> Stream:  # fmt: skip
+                 holdout_chunks: int = 0, precision: str = "tf32") -> Stream:  # fmt: skip
     """Load the model and start the harvest thread, into memory or (a window that keeps its chunks) into
-    harvest_cfg's cache on disk, which it extends or resumes as `sae harvest` would."""
+    harvest_cfg's cache on disk, which it extends or resumes as `sae harvest` would. The device's
+    backend is set for the training's `precision` first: it is one setting of the process (CUDA's TF32
+    matmuls), so the harvest runs under it from its first chunk, not from when the training starts."""
     from sae.harvest.harvest import build_spec, harvest
     from sae.harvest.model import load_model
     from sae.harvest.text import DatasetSource
+    from sae.train.trainer import configure_backend
 
-    loaded = load_model(harvest_cfg.model, harvest_cfg.model_dtype, str(resolve_device(harvest_cfg.device)))
+    device = resolve_device(harvest_cfg.device)
+    configure_backend(device, precision)
+    loaded = load_model(harvest_cfg.model, harvest_cfg.model_dtype, str(device))
     if window.keep:
         root = default_cache_root(harvest_cfg.cache_dir)
     else:

@@ -12,8 +12,8 @@ from tests.test_cli import run_sae
 
 
 def test_sae_run_makes_every_artifact(monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path):
-    """Trained while the harvest writes; harvested first instead (here from the cache the first run left),
-    the same SAEs to the bit."""
+    """Trained while the harvest writes (here extending a cache begun before); harvested first instead
+    (here from the cache the first run left), the same SAEs to the bit."""
     config = tmp_path / "pipeline.toml"
     config.write_text(f"""
 [harvest]
@@ -42,11 +42,13 @@ tokens = 512
 batch_size = 8
 device = "cpu"
 """)
+    code, _, err = run_sae(monkeypatch, capsys, "harvest", "--config", str(config), "--tokens", "1280")
+    assert code == 0, err  # half the cache: `sae run` extends it, and trains on all of it
     code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
     assert code == 0, err
     # one display for the two stages at once; the harvest's bar, not a message, says what training waits for
     finished = [line.split(":")[0] for line in err.splitlines() if "(100%)" in line]
-    assert finished[:2] == ["harvest", "train 2 SAE(s)"] and "waiting for" not in err
+    assert sorted(finished[:2]) == ["harvest", "train 2 SAE(s)"] and "waiting for" not in err
     comparison = tmp_path / "runs-comparison"
     lines = out.strip().splitlines()
     assert lines[-1] == str(comparison) and lines[0].split() == [

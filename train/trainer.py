@@ -76,10 +76,10 @@ def run_training(cfg: TrainConfig, cache: "str | Path | Cache", resume: bool = F
     finally:
         loader.close()
     if rank == 0:
+        stream = stream_record(plan)
         for i, run_dir in enumerate(plan.run_dirs):
-            log.final(
-                run_dir, plan.steps, save_complete_run(cfg, plan, state, i, held.get(plan.sae_layers[i]), run_dir)
-            )
+            record = save_complete_run(cfg, plan, state, i, held.get(plan.sae_layers[i]), run_dir, stream)
+            log.final(run_dir, plan.steps, record)
     if wandb_run is not None:
         wandb_run.finish()
     return plan.run_dirs
@@ -103,9 +103,10 @@ def train_loop(cfg: TrainConfig, plan: Plan, state: TrainState, loader: Loader, 
                 log.add(i, out)
             state.step = done = step + 1
             if done in plan.snapshot_steps and rank == 0:
+                stream = stream_record(plan)
                 for i, run_dir in enumerate(plan.run_dirs):
                     snapshot = rundir.snapshot_dir(run_dir, done * tokens_per_step)
-                    save_complete_run(cfg, plan, state, i, held.get(plan.sae_layers[i]), snapshot)
+                    save_complete_run(cfg, plan, state, i, held.get(plan.sae_layers[i]), snapshot, stream)
             if done % cfg.log_every and done % cfg.checkpoint_every and done != plan.steps:
                 continue
             status = log.sync(done, state.saes)
@@ -184,18 +185,26 @@ def saved_setups(cfg: TrainConfig) -> dict[int, InputSetup] | None:
     return setups
 
 
-def training_record(cfg: TrainConfig, plan: Plan, step: int, i: int) -> dict:
-    """cfg.json's record of how far SAE i's training got (train.rundir.TRAINING_KEYS)."""
+def training_record(cfg: TrainConfig, plan: Plan, step: int, i: int, stream: dict | None) -> dict:
+    """cfg.json's record of how far SAE i's training got (train.rundir.TRAINING_KEYS); `stream`: the
+    sweep's stream_record."""
     tokens = step * plan.tokens_per_step
     record = {
         "step": step, "tokens": tokens, "epochs": tokens / plan.pass_rows,
         "input": plan.setups[plan.sae_layers[i]].record(cfg.normalize), "train_config": to_jsonable(cfg),
         "versions": library_versions(),
     }  # fmt: skip
+    return record if stream is None else {**record, "stream": stream}
+
+
+def stream_record(plan: Plan) -> dict | None:
+    """cfg.json's "stream" of a sweep trained from a stream: what made it and where its token stream
+    stands, read once for every SAE of the sweep (a stream's cache in memory goes with it, and its
+    evaluation holds out the text after that point). None: not a stream."""
     if plan.source is None:
-        return record
-    plan.cache.refresh()  # a stream's cache in memory goes with it: its evaluation needs where the text it read ends
-    return {**record, "stream": {**plan.source, "stream_end": plan.cache.meta["stream_end"]}}
+        return None
+    plan.cache.refresh()
+    return {**plan.source, "stream_end": plan.cache.meta["stream_end"]}
 
 
 def checkpoint(cfg: TrainConfig, plan: Plan, state: TrainState, loader: Loader, rank: int, world: int) -> None:
@@ -212,20 +221,21 @@ def checkpoint(cfg: TrainConfig, plan: Plan, state: TrainState, loader: Loader, 
         positions = [position]
     if rank != 0:
         return
+    stream = stream_record(plan)
     for i, run_dir in enumerate(plan.run_dirs):
         sae, theta = state.saes[i], state.thetas[i]
         if theta is not None:
             sae.theta.fill_(theta.value(state.step))
         rundir.save_checkpoint(run_dir, state.step, state.checkpoint(i, positions))
-        record = {**training_record(cfg, plan, state.step, i), "theta_source": "eq7" if theta else None}
+        record = {**training_record(cfg, plan, state.step, i, stream), "theta_source": "eq7" if theta else None}
         rundir.save_run(run_dir, sae, rundir.run_cfg(sae, rundir.cache_record(plan.cache, plan.sae_layers[i]), record))
 
 
 def save_complete_run(
-    cfg: TrainConfig, plan: Plan, state: TrainState, i: int, held: HeldOut | None, run_dir: Path
+    cfg: TrainConfig, plan: Plan, state: TrainState, i: int, held: HeldOut | None, run_dir: Path, stream: dict | None
 ) -> dict:
     """SAE i as it is now, saved as a complete run dir: θ chosen, the held-out figures; returns what the
-    run's last metrics line records. Rank 0."""
+    run's last metrics line records. Rank 0. `stream`: the sweep's stream_record."""
     sae, theta, record = state.saes[i], state.thetas[i], {}
     device = sae.W_enc.device
     if theta is not None:
@@ -241,7 +251,7 @@ def save_complete_run(
             **evaluate_heldout(sae, held, cfg.batch_size, device),
             "dead_frac": float(sae.dead_fraction()),
         }
-    training = {**training_record(cfg, plan, state.step, i), **record}
+    training = {**training_record(cfg, plan, state.step, i, stream), **record}
     rundir.save_run(run_dir, sae, rundir.run_cfg(sae, rundir.cache_record(plan.cache, plan.sae_layers[i]), training))
     return record
 
