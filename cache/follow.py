@@ -69,8 +69,15 @@ class Follower:
                     f"the harvest of {self.cache.path} ended with {self.cache.n_contexts:,} contexts, before chunk "
                     f"{last} that this training planned for: its dataset ran out; train with fewer --tokens"
                 )
+            ended = self.window is not None and self.window.ended.is_set()  # before the look that sees its last commit
             with self._lock:  # one reader refreshes and speaks for all
                 self._look(last)
+            if ended and not self.cache.is_committed(last):
+                raise UserError(
+                    f"the harvest of {self.cache.path} ended with {self.cache.n_contexts:,} of its target "
+                    f"{self.cache.target_contexts:,} contexts committed, before chunk {last} that this training "
+                    "planned for: finish the cache with `sae harvest --tokens` of its target, or train on fewer tokens"
+                )
             time.sleep(POLL_S)
         return True
 

@@ -27,6 +27,8 @@ class Window:
         self.error: BaseException | None = None
         self.ready = threading.Event()
         """Set once the harvest has set the cache's target (or found it reached): a trainer may plan."""
+        self.ended = threading.Event()
+        """Set when the harvest has returned: a chunk not committed by then never will be."""
         self._cond = threading.Condition()
         self._closed, self.keep = False, keep
 

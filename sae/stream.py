@@ -126,6 +126,8 @@ def start_stream(harvest_cfg: HarvestConfig, window: Window, resume_at: dict | N
             pass
         except BaseException as e:  # the trainer, waiting for chunks, raises it
             window.fail(e)
+        finally:
+            window.ended.set()
 
     thread = threading.Thread(target=run, daemon=True, name="sae-stream")
     thread.start()

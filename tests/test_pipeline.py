@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sae.cache.lock import writer_lock
+from sae.cache.store import open_cache, open_writer
 from sae.train.rundir import WEIGHTS
 from tests.test_cli import run_sae
 
@@ -117,3 +119,37 @@ out = "{tmp_path / "runs"}"
     code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
     assert code == 1 and err.strip().splitlines()[-1].startswith("error: dataset") and "has no column 'body'" in err
     assert out == ""
+
+
+def test_sae_run_on_a_cache_whose_target_it_does_not_reach_says_so(
+    monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path
+):
+    """A cache a killed harvest left short of a larger target than `sae run` asks: the harvest has nothing to
+    do, and the training planned for the target's chunks stops with one line instead of waiting for them."""
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f"""
+[harvest]
+model = "{tiny_llama}"
+dataset = "{sample_parquet}"
+layers = [1]
+ctx_len = 32
+tokens = 2560
+chunk_contexts = 16
+device = "cpu"
+cache_dir = "{tmp_path / "caches"}"
+
+[train]
+batch_size = 64
+device = "cpu"
+out = "{tmp_path / "runs"}"
+""")
+    code, out, err = run_sae(monkeypatch, capsys, "harvest", "--config", str(config))
+    assert code == 0, err
+    cache = open_cache(out.strip())
+    with writer_lock(cache.location):  # as a harvest of twice the tokens killed at half way leaves it
+        open_writer(cache.location, cache.spec, cache.meta["storage"], cache.d_model, {}).reserve(2 * cache.n_contexts)
+    code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
+    assert code == 1 and out == ""
+    assert (
+        err.strip().splitlines()[-1].startswith(f"error: the harvest of {cache.path} ended with 80 of its target 160")
+    )
