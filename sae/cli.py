@@ -184,7 +184,7 @@ def run_command(
 def main() -> None:
     """Entry point: a UserError becomes one line on stderr and exit code 1 (SAE_DEBUG=1 shows the traceback)."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns an Exit's code here, Ctrl-C's 130 among them
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -198,3 +198,7 @@ def main() -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if code == 130:
+        print("aborted", file=sys.stderr)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)

@@ -9,7 +9,7 @@ from pathlib import Path
 from sae.cache.store import default_cache_root, find_caches
 from sae.cache.window import Window
 from sae.commands import harvest_command_line
-from sae.config import apply_storage_options, build_config, read_pipeline_toml, stage_config
+from sae.config import apply_storage_options, build_config, read_pipeline_toml, stage_config, to_jsonable
 from sae.device import resolve_device
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
@@ -77,7 +77,8 @@ def run_pipeline(
     compare; returns (the comparison folder, the inspect page). Each stage reads its table of
     pipeline.toml, exactly as its own command does, then the overrides in sets[stage]
     ({"train": {"gate_bos": True}}, from `--set`). `overlap`: train while the harvest writes (one
-    process; not under torchrun, whose ranks' collectives must not interleave), else harvest first."""
+    process; not under torchrun, whose ranks' collectives must not interleave), else harvest first. Run
+    again after a kill, it resumes the harvest and the training where they stopped (continues_runs)."""
     from sae.evaluate.compare import compare_runs
     from sae.evaluate.config import EvalConfig
     from sae.evaluate.evaluate import evaluate_runs
@@ -92,16 +93,16 @@ def run_pipeline(
     harvest_cfg = stage_config(HarvestConfig, "harvest", config_path, sets.get("harvest", {}))
     # The first pass in harvest order either way: the same SAEs overlapped or not, cache reused or not.
     train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out, "follow": True})
-    check_runs_free(train_cfg, list(train_cfg.layer or harvest_cfg.layers))
+    resume = continues_runs(train_cfg, list(train_cfg.layer or harvest_cfg.layers))
     # One backend setting (CUDA's TF32) for the process: the harvest runs under the training's either way.
     configure_backend(resolve_device(harvest_cfg.device), train_cfg.precision)
     if overlap and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         with streaming(harvest_cfg, Window(UNBOUNDED, keep=True), precision=train_cfg.precision) as stream:
             train_cfg = dataclasses.replace(train_cfg, cache=stream.cache)
-            run_dirs = run_training(train_cfg, stream.cache, window=stream.window)
+            run_dirs = run_training(train_cfg, stream.cache, resume, window=stream.window)
     else:
         train_cfg = dataclasses.replace(train_cfg, cache=harvest(harvest_cfg))
-        run_dirs = run_training(train_cfg, train_cfg.cache)
+        run_dirs = run_training(train_cfg, train_cfg.cache, resume)
     evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, sets.get("eval", {})))
     page = inspect_pipeline_runs(run_dirs, stage_config(InspectConfig, "inspect", config_path, sets.get("inspect", {})))
     out_dir = Path(train_cfg.out)
@@ -109,16 +110,23 @@ def run_pipeline(
     return compare_runs(run_dirs, out_dir.with_name(f"{out_dir.name}-comparison")), page
 
 
-def check_runs_free(cfg: TrainConfig, layers: list[int]) -> None:
-    """Before anything runs: `sae run` trains from the start, so a run already in its way is an error
-    now, not after the harvest."""
+def continues_runs(cfg: TrainConfig, layers: list[int]) -> bool:
+    """Whether `sae run` continues the runs of an earlier `sae run` into the same folder (killed: from
+    their newest checkpoint; finished: they are evaluated again): every run of the sweep is there, made
+    by this very [train] config. None there: False. Any other run in the way is an error now, not after
+    the harvest."""
     from sae.train.plan import sweep_specs
     from sae.train.rundir import CFG
 
     run_dirs = [Path(cfg.out) / spec.name for spec in sweep_specs(cfg, layers)]
-    held = next((run_dir for run_dir in run_dirs if (run_dir / CFG).exists()), None)
-    if held is not None:
+    held = [run_dir for run_dir in run_dirs if (run_dir / CFG).exists()]
+    if not held:
+        return False
+    wanted = {**to_jsonable(cfg), "cache": None}  # the cache: the same spec's, wherever it was
+    other = [d for d in held if {**json.loads((d / CFG).read_text())["train_config"], "cache": None} != wanted]
+    if other or len(held) < len(run_dirs):
         raise UserError(
-            f"{held} already holds a run, and sae run trains from the start: choose another --out (or continue "
-            f"that training with `sae train --resume {held}`)"
+            f"{(other or held)[0]} already holds a run of another [train] config or sweep than this sae run's: "
+            "choose another --out"
         )
+    return True

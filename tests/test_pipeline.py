@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from sae.cache.lock import writer_lock
 from sae.cache.store import open_cache, open_writer
+from sae.train import trainer
 from sae.train.rundir import WEIGHTS
 from tests.test_cli import run_sae
 
@@ -86,15 +87,70 @@ device = "cpu"
     assert code == 0, err
     assert "already holds 2,560 tokens" in err  # the cache the first run wrote, not harvested again
     for run in runs:
-        first, again = load_file(run / WEIGHTS), load_file(tmp_path / "again" / run.name / WEIGHTS)
-        assert all(torch.equal(first[name], again[name]) for name in first)
-    code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))  # into the runs of the first
-    assert (
-        code == 1
-        and err
-        == f"error: {runs[0]} already holds a run, and sae run trains from the start: choose "
-        f"another --out (or continue that training with `sae train --resume {runs[0]}`)\n"
-    )
+        assert_same_weights(run, tmp_path / "again" / run.name)
+    code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config), "--set", "train.lr=0.001")
+    assert code == 1 and err == (
+        f"error: {runs[0]} already holds a run of another [train] config or sweep than this sae run's: choose "
+        "another --out\n"
+    )  # before anything ran
+
+
+def test_sae_run_again_after_a_kill_continues_to_the_same_saes(
+    monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path
+):
+    """Killed mid-training, `sae run` again resumes the harvest and the training where they stopped and ends
+    with the SAEs an uninterrupted `sae run` trains; run once more, it leaves them as they are."""
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f"""
+[harvest]
+model = "{tiny_llama}"
+dataset = "{sample_parquet}"
+layers = [1]
+ctx_len = 32
+tokens = 2560
+chunk_contexts = 16
+device = "cpu"
+cache_dir = "{tmp_path / "caches"}"
+
+[train]
+arch = ["topk"]
+k = [4]
+dict_size = [64]
+batch_size = 64
+checkpoint_every = 10
+device = "cpu"
+
+[eval]
+tokens = 256
+device = "cpu"
+""")
+    whole = tmp_path / "whole"
+    assert run_sae(monkeypatch, capsys, "run", "--config", str(config), "--out", str(whole))[0] == 0
+    real_step, calls = trainer.train_step, []
+
+    def killed_at_step_25(*args):
+        calls.append(1)
+        if len(calls) > 25:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(trainer, "train_step", killed_at_step_25)
+    code, _, err = run_sae(monkeypatch, capsys, "run", "--config", str(config), "--out", str(tmp_path / "runs"))
+    assert code == 130 and err.strip().endswith("aborted")  # as after Ctrl-C (it used to exit 0)
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    (run,) = (tmp_path / "runs").iterdir()
+    newest = max(p.name for p in run.glob("checkpoint-*"))
+    assert newest == "checkpoint-000000020.pt" and not (run / "eval.json").exists()
+    for _ in range(2):  # continued, then finished and only evaluated again
+        code, _, err = run_sae(monkeypatch, capsys, "run", "--config", str(config), "--out", str(tmp_path / "runs"))
+        assert code == 0, err
+        assert_same_weights(whole / run.name, run)
+    assert (run / "eval.json").exists()
+
+
+def assert_same_weights(a, b) -> None:
+    wa, wb = load_file(a / WEIGHTS), load_file(b / WEIGHTS)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[name], wb[name]) for name in wa)
 
 
 def test_sae_run_whose_harvest_fails_in_its_thread_says_why_at_once(
