@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,14 @@ from sae.train.rundir import WEIGHTS
 from tests.test_cli import run_sae
 
 
-def test_sae_run_makes_every_artifact(monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path):
-    """Trained while the harvest writes (here extending a cache begun before); harvested first instead
-    (here from the cache the first run left), the same SAEs to the bit."""
-    config = tmp_path / "pipeline.toml"
-    config.write_text(f"""
+@pytest.fixture
+def pipeline_toml(tiny_llama, sample_parquet, tmp_path):
+    """write(harvest=, train=, rest=): a pipeline.toml of the tiny model over the sample, CPU only, caches
+    and runs under tmp_path; each argument adds lines to its table (rest: tables of its own)."""
+
+    def write(harvest: str = "", train: str = "", rest: str = "") -> Path:
+        config = tmp_path / "pipeline.toml"
+        config.write_text(f"""
 [harvest]
 model = "{tiny_llama}"
 dataset = "{sample_parquet}"
@@ -28,23 +32,32 @@ tokens = 2560
 chunk_contexts = 16
 device = "cpu"
 cache_dir = "{tmp_path / "caches"}"
+{harvest}
 
 [train]
 batch_size = 64
-log_every = 10
 device = "cpu"
 out = "{tmp_path / "runs"}"
-
-[[sweep]]
-arch = ["batchtopk", "topk"]
-k = 4
-dict_size = 64
+{train}
 
 [eval]
 tokens = 512
 batch_size = 8
 device = "cpu"
+
+{rest}
 """)
+        return config
+
+    return write
+
+
+def test_sae_run_makes_every_artifact(monkeypatch, capsys, pipeline_toml, tmp_path):
+    """Trained while the harvest writes (here extending a cache begun before); harvested first instead
+    (here from the cache the first run left), the same SAEs to the bit."""
+    config = pipeline_toml(
+        train="log_every = 10", rest='[[sweep]]\narch = ["batchtopk", "topk"]\nk = 4\ndict_size = 64'
+    )
     code, _, err = run_sae(monkeypatch, capsys, "harvest", "--config", str(config), "--tokens", "1280")
     assert code == 0, err  # half the cache: `sae run` extends it, and trains on all of it
     code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
@@ -95,35 +108,10 @@ device = "cpu"
     )  # before anything ran
 
 
-def test_sae_run_again_after_a_kill_continues_to_the_same_saes(
-    monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path
-):
+def test_sae_run_again_after_a_kill_continues_to_the_same_saes(monkeypatch, capsys, pipeline_toml, tmp_path):
     """Killed mid-training, `sae run` again resumes the harvest and the training where they stopped and ends
     with the SAEs an uninterrupted `sae run` trains; run once more, it leaves them as they are."""
-    config = tmp_path / "pipeline.toml"
-    config.write_text(f"""
-[harvest]
-model = "{tiny_llama}"
-dataset = "{sample_parquet}"
-layers = [1]
-ctx_len = 32
-tokens = 2560
-chunk_contexts = 16
-device = "cpu"
-cache_dir = "{tmp_path / "caches"}"
-
-[train]
-arch = ["topk"]
-k = [4]
-dict_size = [64]
-batch_size = 64
-checkpoint_every = 10
-device = "cpu"
-
-[eval]
-tokens = 256
-device = "cpu"
-""")
+    config = pipeline_toml(train='arch = ["topk"]\nk = [4]\ndict_size = [64]\ncheckpoint_every = 10')
     whole = tmp_path / "whole"
     assert run_sae(monkeypatch, capsys, "run", "--config", str(config), "--out", str(whole))[0] == 0
     real_step, calls = trainer.train_step, []
@@ -153,52 +141,21 @@ def assert_same_weights(a, b) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[name], wb[name]) for name in wa)
 
 
-def test_sae_run_whose_harvest_fails_in_its_thread_says_why_at_once(
-    monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path
-):
+def test_sae_run_whose_harvest_fails_in_its_thread_says_why_at_once(monkeypatch, capsys, pipeline_toml, tmp_path):
     """The harvest thread fails before it makes the cache: the training waiting for it raises that error
     (not, after --follow-timeout, that no cache appeared)."""
-    config = tmp_path / "pipeline.toml"
-    config.write_text(f"""
-[harvest]
-model = "{tiny_llama}"
-dataset = "{sample_parquet}"
-text_column = "body"
-device = "cpu"
-cache_dir = "{tmp_path / "caches"}"
-
-[train]
-follow_timeout = 20  # what a regression would wait for
-device = "cpu"
-out = "{tmp_path / "runs"}"
-""")
+    config = pipeline_toml(
+        harvest='text_column = "body"', train="follow_timeout = 20  # what a regression would wait for"
+    )
     code, out, err = run_sae(monkeypatch, capsys, "run", "--config", str(config))
     assert code == 1 and err.strip().splitlines()[-1].startswith("error: dataset") and "has no column 'body'" in err
     assert out == ""
 
 
-def test_sae_run_on_a_cache_whose_target_it_does_not_reach_says_so(
-    monkeypatch, capsys, tiny_llama, sample_parquet, tmp_path
-):
+def test_sae_run_on_a_cache_whose_target_it_does_not_reach_says_so(monkeypatch, capsys, pipeline_toml, tmp_path):
     """A cache a killed harvest left short of a larger target than `sae run` asks: the harvest has nothing to
     do, and the training planned for the target's chunks stops with one line instead of waiting for them."""
-    config = tmp_path / "pipeline.toml"
-    config.write_text(f"""
-[harvest]
-model = "{tiny_llama}"
-dataset = "{sample_parquet}"
-layers = [1]
-ctx_len = 32
-tokens = 2560
-chunk_contexts = 16
-device = "cpu"
-cache_dir = "{tmp_path / "caches"}"
-
-[train]
-batch_size = 64
-device = "cpu"
-out = "{tmp_path / "runs"}"
-""")
+    config = pipeline_toml()
     code, out, err = run_sae(monkeypatch, capsys, "harvest", "--config", str(config))
     assert code == 0, err
     cache = open_cache(out.strip())
