@@ -86,7 +86,7 @@ def train_from_stream(cfg: TrainConfig, config: Path | None, harvest: dict, resu
     else:
         harvest_cfg, resume_at = stream_harvest_config(config, harvest, cfg), None
     window = stream_window(harvest_cfg, cfg)
-    with streaming(harvest_cfg, window, resume_at, cfg.holdout_chunks, cfg.precision) as stream:
+    with streaming(harvest_cfg, window, cfg.precision, resume_at, cfg.holdout_chunks) as stream:
         return run_training(cfg, stream.cache, resume=resume is not None, window=stream.window,
                             source={"harvest_config": to_jsonable(harvest_cfg)})  # fmt: skip
 

@@ -94,13 +94,13 @@ def run_pipeline(
     # The first pass in harvest order either way: the same SAEs overlapped or not, cache reused or not.
     train_cfg = train_config(config_path, {**sets.get("train", {}), "out": out, "follow": True})
     resume = continues_runs(train_cfg, list(train_cfg.layer or harvest_cfg.layers))
-    # One backend setting (CUDA's TF32) for the process: the harvest runs under the training's either way.
-    configure_backend(resolve_device(harvest_cfg.device), train_cfg.precision)
     if overlap and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        with streaming(harvest_cfg, Window(UNBOUNDED, keep=True), precision=train_cfg.precision) as stream:
+        with streaming(harvest_cfg, Window(UNBOUNDED, keep=True), train_cfg.precision) as stream:
             train_cfg = dataclasses.replace(train_cfg, cache=stream.cache)
             run_dirs = run_training(train_cfg, stream.cache, resume, window=stream.window)
     else:
+        # under the training's backend setting (CUDA's TF32), as streaming harvests: the same cache either way
+        configure_backend(resolve_device(harvest_cfg.device), train_cfg.precision)
         train_cfg = dataclasses.replace(train_cfg, cache=harvest(harvest_cfg))
         run_dirs = run_training(train_cfg, train_cfg.cache, resume)
     evaluate_runs(run_dirs, stage_config(EvalConfig, "eval", config_path, sets.get("eval", {})))

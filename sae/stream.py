@@ -72,15 +72,15 @@ def stream_window(harvest_cfg: HarvestConfig, cfg: TrainConfig) -> Window:
 
 
 @contextlib.contextmanager
-def streaming(harvest_cfg: HarvestConfig, window: Window, resume_at: dict | None = None,
-              holdout_chunks: int = 0, precision: str = "tf32") -> Iterator[Stream]:  # fmt: skip
+def streaming(harvest_cfg: HarvestConfig, window: Window, precision: str, resume_at: dict | None = None,
+              holdout_chunks: int = 0) -> Iterator[Stream]:  # fmt: skip
     """The harvest running in a thread while the body trains from its cache, their progress bars in one
     display. At the end a harvest to disk finishes (so its cache is the one a harvest alone would make),
-    one into memory stops; an error of the harvest the body did not meet is raised then. `resume_at`: a
-    checkpoint's {"chunk", "stream"}, the stream's first `holdout_chunks` made again first; `precision`:
-    the training's (sae.train.trainer.configure_backend)."""
+    one into memory stops; an error of the harvest the body did not meet is raised then. `precision`:
+    the training's (sae.train.trainer.configure_backend); `resume_at`: a checkpoint's {"chunk",
+    "stream"}, the stream's first `holdout_chunks` made again first."""
     with shared_progress("tok"):
-        stream = start_stream(harvest_cfg, window, resume_at, holdout_chunks, precision)
+        stream = start_stream(harvest_cfg, window, precision, resume_at, holdout_chunks)
         try:
             yield stream
         except BaseException:
@@ -93,8 +93,8 @@ def streaming(harvest_cfg: HarvestConfig, window: Window, resume_at: dict | None
             raise window.error
 
 
-def start_stream(harvest_cfg: HarvestConfig, window: Window, resume_at: dict | None = None,
-                 holdout_chunks: int = 0, precision: str = "tf32") -> Stream:  # fmt: skip
+def start_stream(harvest_cfg: HarvestConfig, window: Window, precision: str, resume_at: dict | None = None,
+                 holdout_chunks: int = 0) -> Stream:  # fmt: skip
     """Load the model and start the harvest thread, into memory or (a window that keeps its chunks) into
     harvest_cfg's cache on disk, which it extends or resumes as `sae harvest` would. The device's
     backend is set for the training's `precision` first: it is one setting of the process (CUDA's TF32

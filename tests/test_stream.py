@@ -49,7 +49,7 @@ def test_a_stream_trains_the_sae_a_follow_of_its_cache_would_and_stays_in_its_wi
     cfg = config(tmp_path / "streamed")
     harvest_cfg = stream_harvest_config(None, sources, cfg)
     assert harvest_cfg.tokens == (12 + 1) * 256  # 12 chunks for the training tokens and one held out
-    with streaming(harvest_cfg, stream_window(harvest_cfg, cfg)) as stream:
+    with streaming(harvest_cfg, stream_window(harvest_cfg, cfg), cfg.precision) as stream:
         streamed = run_training(
             cfg, stream.cache, window=stream.window, source={"harvest_config": to_jsonable(harvest_cfg)}
         )
@@ -75,7 +75,10 @@ def test_a_stream_killed_after_a_checkpoint_resumes_to_the_same_weights(sources,
     cfg = config(tmp_path / "killed")
     harvest_cfg = stream_harvest_config(None, sources, cfg)
     source = {"harvest_config": to_jsonable(harvest_cfg)}
-    with pytest.raises(KeyboardInterrupt), streaming(harvest_cfg, stream_window(harvest_cfg, cfg)) as stream:
+    with (
+        pytest.raises(KeyboardInterrupt),
+        streaming(harvest_cfg, stream_window(harvest_cfg, cfg), cfg.precision) as stream,
+    ):
         run_training(cfg, stream.cache, window=stream.window, on_batch=killed, source=source)
     position = torch.load(sorted((tmp_path / "killed" / "topk_k4_m64").glob("checkpoint-*.pt"))[-1])["loader"][0]
     assert position["stream"]["chunk"] > 1  # the resumed stream skips the chunks already trained on
