@@ -61,9 +61,9 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, root: Locatio
             window: Window | None = None) -> str:  # fmt: skip
     """Create or extend the cache for cfg; returns its path or URL. `loaded`: cfg's model, already
     loaded on cfg's device (a caller harvesting several times saves the load); `root`: where the cache
-    goes instead of cfg.cache_dir; `window`: a stream's (the harvest waits for room before each chunk;
-    its caller shows the progress of both in one display, sae.stream.streaming). Under torchrun every rank runs this, and together they write what one process would
-    (harvest.ranks)."""
+    goes instead of cfg.cache_dir; `window`: a stream's (the harvest says when the target is set, waits
+    for room before each chunk, and shares one progress display with its trainer: sae.stream.streaming).
+    Under torchrun every rank runs this, and together they write what one process would (harvest.ranks)."""
     ranks = Ranks()
     device = resolve_device(cfg.device)
     source = DatasetSource.resolve(cfg.dataset)
