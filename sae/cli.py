@@ -161,7 +161,7 @@ def inspect_command(
 @app.command("run")
 def run_command(
     config: Path = CONFIG,
-    out: Path = typer.Option(None, help="Parent of the run directories (default: [train] out, ./runs)."),
+    out: Path = typer.Option(None, help=r"Parent of the run directories (default: \[train] out, ./runs)."),
     set_: list[str] = typer.Option(
         None, "--set", help="STAGE.KEY=VALUE over the file's value, e.g. train.gate_bos=true; repeatable."
     ),
