@@ -1,5 +1,7 @@
 """SAE architectures on planted sparse data: each assertion is on a number a bug would move."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -102,24 +104,34 @@ def test_decoder_rows_stay_unit_norm(planted, arch):
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(FEATURES), atol=1e-5)
 
 
+@pytest.mark.parametrize("tangent", [False, True])
 @pytest.mark.parametrize("select", [select_topk, select_batchtopk])
-def test_sparse_decode_equals_dense_decode_with_gradients(select):
+def test_sparse_decode_equals_dense_decode_with_gradients(select, tangent):
+    """Values and gradients; on the tangent (unit-norm rows) W_dec's gradient is the dense one with each
+    row's component along the row removed."""
     torch.manual_seed(0)
     pre_BM = torch.randn(32, 256).relu().requires_grad_()
-    W_dec_MD = torch.randn(256, 48, requires_grad=True)
+    W_dec_MD = torch.randn(256, 48)
+    W_dec_MD = (W_dec_MD / W_dec_MD.norm(dim=1, keepdim=True) if tangent else W_dec_MD).requires_grad_()
     results = []
-    for decode in (decode_sparse, decode_dense):
+    for decode in (partial(decode_sparse, tangent=tangent), decode_dense):
         recon_BD = decode(select(pre_BM, 8), W_dec_MD)
         grads = torch.autograd.grad((recon_BD.sin() * torch.linspace(-1, 1, 48)).sum(), [pre_BM, W_dec_MD])
-        results.append((recon_BD, *grads))
+        results.append([recon_BD, *grads])
+    if tangent:
+        grad_MD = results[1][2]
+        results[1][2] = grad_MD - (grad_MD * W_dec_MD).sum(1, keepdim=True) * W_dec_MD
+        assert (grad_MD * W_dec_MD).sum(1).abs().max() > 0.1  # there was a component to remove
     for sparse, dense in zip(*results, strict=True):
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)  # fp32 summation order only
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk", "matryoshka_batchtopk"])
 def test_sparse_and_dense_paths_train_the_same_module(arch):
-    """The whole forward (AuxK included) and every parameter gradient agree across the two paths (Matryoshka:
-    each prefix group decoded once from the kept rows of W_dec against dense matmuls per group)."""
+    """The whole forward (AuxK included) and every parameter gradient as the optimiser gets it (W_dec's
+    projected: the sparse decode's own, the dense path's by project_decoder_grad) agree across the two
+    paths (Matryoshka: each prefix group decoded once from the kept rows of W_dec against dense matmuls
+    per group)."""
     x_BD = planted_acts(256, D, FEATURES, K, seed=3) * 3
     grads = []
     for sparse in (True, False):
@@ -130,6 +142,7 @@ def test_sparse_and_dense_paths_train_the_same_module(arch):
         sae.tokens_since_fired_M[::2] = 10  # half the latents dead
         out = sae(x_BD, aux_k=32)
         out.loss.backward()
+        sae.project_decoder_grad()
         grads.append([out.loss.detach(), out.aux.detach()] + [p.grad for p in sae.parameters()])
     assert grads[0][1] > 0
     for sparse, dense in zip(*grads, strict=True):

@@ -163,6 +163,7 @@ def test_kept_entry_encoder_gradient_equals_the_dense_backward(arch):
         x = x_BD.clone().requires_grad_()
         out = sae(x, aux_k=32)
         out.loss.backward()
+        sae.project_decoder_grad()  # the sparse decode's W_dec gradient comes projected
         grads.append([out.loss.detach(), out.aux.detach(), x.grad] + [p.grad for p in sae.parameters()])
     assert grads[0][1] > 0
     for sparse, dense in zip(*grads, strict=True):

@@ -1,5 +1,6 @@
 """Saved run directories: SAELens layout, raw-activation weights, reload, and the `sae train` CLI."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,9 +12,12 @@ from typer.testing import CliRunner
 from sae.cache.store import open_cache
 from sae.cli import app
 from sae.train.config import TrainConfig
+from sae.train.gate import Gate
+from sae.train.inputs import InputSetup
 from sae.train.rundir import WEIGHTS, load_checkpoint, load_sae
 from sae.train.sae import SparseAutoencoder
-from sae.train.trainer import run_training
+from sae.train.state import TrainState
+from sae.train.trainer import run_training, train_step
 from tests.synthetic import planted_acts, write_cache
 
 D, CTX, CHUNK_CTX = 32, 16, 16
@@ -105,3 +109,26 @@ def test_cli_trains_a_sweep_and_resumes_it(cache, tmp_path):
     assert names == ["batchtopk_k4_m64", "batchtopk_k8_m64", "topk_k4_m64", "topk_k8_m64"]
     result = runner.invoke(app, ["train", "--resume", str(tmp_path / "topk_k8_m64")])
     assert result.exit_code == 0, result.output  # already at its last step: nothing more to do
+
+
+def test_a_checkpoint_with_the_encoder_as_d_by_m_resumes_exactly(tmp_path):
+    """Checkpoints written before the encoder was stored a row per latent hold W_enc [d, m] and Adam
+    moments of that shape: restored, the SAE and its optimiser take the same next step as the original."""
+    cfg = TrainConfig(arch=("batchtopk",), k=(4,), dict_size=(96,), batch_size=128, lr=3e-3)
+    x_SBD = planted_acts(4 * 128, D, 64, 4, seed=1).view(4, 128, D) * 3
+    setups = [InputSetup(Gate(), 1.0, 0.0, None)]
+    states = [TrainState(cfg, cfg.specs(), D, setups, 4, torch.device("cpu")) for _ in range(2)]
+    ours = states[0]
+    for x_BD in x_SBD[:3]:
+        train_step(ours.saes[0], ours.models[0], ours.opts[0], x_BD, cfg, 1, ours.dead[0])
+    old = copy.deepcopy(ours.checkpoint(0, [None]))
+    old["sae"]["W_enc"] = old["sae"].pop("W_enc_MD").t().contiguous()  # as the older code saved them
+    for name in ("exp_avg", "exp_avg_sq"):
+        old["optim"]["state"][0][name] = old["optim"]["state"][0][name].t().contiguous()
+    restored = states[1]
+    restored.restore([old], 0, [tmp_path], "cache")
+    for state in (ours, restored):
+        train_step(state.saes[0], state.models[0], state.opts[0], x_SBD[3], cfg, 1, state.dead[0])
+    assert restored.saes[0].W_enc_MD.shape == (96, D)
+    for name, p in ours.saes[0].named_parameters():
+        assert torch.equal(p, getattr(restored.saes[0], name)), name

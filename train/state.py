@@ -103,9 +103,24 @@ class TrainState:
                     f"cache {cache_path} has d_model={self.saes[i].d_in} but the run {run_dir} was trained "
                     f"with d_in={state['d_in']}; resume it on the cache it was trained on"
                 )
+            state = encoder_by_rows(state)
             self.saes[i].load_state_dict(state["sae"])
             self.opts[i].load_state_dict(state["optim"])
             if self.thetas[i] is not None:
                 self.thetas[i].min_S.copy_(state["theta_min"])
         self.step, self.position = checkpoints[0]["step"], checkpoints[0]["loader"][rank]
         self.dead = [DeadLatents(sae) for sae in self.saes]  # after the weights: an exact resume
+
+
+def encoder_by_rows(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of an SAE from before its encoder was stored a row per latent (W_enc [d, m] and its
+    Adam moments alike) in today's layout: W_enc_MD [m, d], the moments contiguous [m, d] as fused Adam
+    reads them (flat, in the parameter's memory order). Today's checkpoints pass as they are."""
+    if "W_enc" not in state["sae"]:
+        return state
+    state["sae"]["W_enc_MD"] = state["sae"].pop("W_enc").t()
+    moments = state["optim"]["state"].get(0, {})  # the encoder is the optimiser's first parameter
+    for name in ("exp_avg", "exp_avg_sq"):
+        if name in moments:
+            moments[name] = moments[name].t().contiguous()
+    return state

@@ -54,6 +54,8 @@ class Architecture:
     """A scalar inference θ: estimated over training batches (eq. 7) and calibrated on held-out rows."""
     aux_k: int = 0
     """AuxK's widest top-k over dead latents; 0: no AuxK."""
+    decodes_kept_entries: ClassVar[bool] = False
+    """Its training reads W_dec only through SparseAutoencoder.decode_active (the (batch)topk family)."""
     widths: tuple[int, ...] = ()
     """Nested prefix widths, each prefix an SAE of its own that evaluation scores too (Matryoshka)."""
 

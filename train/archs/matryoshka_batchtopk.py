@@ -18,7 +18,7 @@ from sae.errors import UserError
 from sae.train.archs.base import SAEOutput
 from sae.train.archs.batchtopk import BatchTopK
 from sae.train.archs.topk import fired
-from sae.train.sparse import Active, decode_sparse, densify
+from sae.train.sparse import Active, densify
 
 LOSSES = ("sum", "mean", "reference")
 """How the prefix errors add up: their sum (SAELens), their mean (dictionary_learning's weights 1/G),
@@ -76,7 +76,7 @@ class MatryoshkaBatchTopK(BatchTopK):
             # Entries are row-major with ascending columns, so (row, group) bags are already contiguous.
             bag_N = active.rows_N * G + torch.searchsorted(widths_G, active.cols_N, right=True)
             offsets_P = torch.searchsorted(bag_N, torch.arange(B * G, device=bag_N.device))
-            groups_PD = decode_sparse(active._replace(rows_N=bag_N, offsets_B=offsets_P), sae.W_dec)
+            groups_PD = sae.decode_active(active._replace(rows_N=bag_N, offsets_B=offsets_P))
             groups_BGD = groups_PD.view(B, G, -1)
         else:
             latents_BM = densify(active, B, sae.m)

@@ -17,6 +17,7 @@ from sae.train.sparse import Active, densify, select_dead, select_topk
 class TopK(Architecture):
     name = "topk"
     saelens_architecture = "topk"
+    decodes_kept_entries = True
 
     def __init__(self, spec, cfg):
         super().__init__(spec, cfg)
