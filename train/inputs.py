@@ -55,12 +55,16 @@ def input_setup(cfg: TrainConfig, cache: Cache, layer: int, train_chunks: list[i
 
 def geometric_median(points_RD: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """argmin_y Σ‖x − y‖ by Weiszfeld's iteration from the mean: a centre that the few massive-norm
-    rows cannot drag, as the mean is dragged. Stops once a step moves y by less than tol·‖y‖."""
+    rows cannot drag, as the mean is dragged. Stops once a step moves y by less than tol·‖y‖. Each
+    iteration is two products with the points, no [R, d] temporary: ‖x − y‖² = ‖x‖² − 2x·y + ‖y‖² in
+    float64 (1.3 → 0.4 s at the start of a run for 65,536 rows at d 576)."""
     points_RD = points_RD.double()
+    sq_norms_R = torch.linalg.vecdot(points_RD, points_RD)
     y_D = points_RD.mean(0)
     for _ in range(iterations):
-        weight_R = 1 / (points_RD - y_D).norm(dim=1).clamp(min=1e-12)  # a point at y: its pull dominates
-        step_D = (weight_R[:, None] * points_RD).sum(0) / weight_R.sum() - y_D
+        dist_R = (sq_norms_R - 2 * (points_RD @ y_D) + y_D @ y_D).clamp_(min=0).sqrt_()
+        weight_R = 1 / dist_R.clamp_(min=1e-12)  # a point at y: its pull dominates
+        step_D = (weight_R @ points_RD) / weight_R.sum() - y_D
         y_D = y_D + step_D
         if step_D.norm() <= tol * y_D.norm():
             break
