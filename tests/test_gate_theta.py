@@ -109,6 +109,19 @@ def test_calibrated_theta_selects_exactly_n_entries_and_equals_batchtopk_over_th
     assert calibrate_theta(sae, x_ND.split(7), 6.0)["theta"] == result["theta"]
 
 
+def test_calibrated_l0_counts_what_exceeds_theta_when_the_boundary_ties():
+    """Every row's pre-activations are b_enc (W_enc 0): 3 once, 2 three times. L0 2 falls inside the
+    tie at 2, so θ = 2 and only the 3s exceed it: L0 1, as a direct count says."""
+    sae = SparseAutoencoder(SAESpec("batchtopk", 2, 8, 0.0, 0.0), D).eval()
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.tensor([3.0, 2, 2, 2, 1, 0, 0, 0]))
+    x_ND = torch.randn(50, D)
+    result = calibrate_theta(sae, x_ND.split(16), 2.0)
+    assert result["theta"] == 2.0
+    assert result["l0"] == float((sae.pre_acts(x_ND) > result["theta"]).sum()) / 50 == 1.0
+
+
 def test_training_calibrates_to_k_and_sae_calibrate_to_any_target(massive, tmp_path, monkeypatch, capsys):
     path, massive_R = massive
     btk, _ = run_training(small_config(tmp_path, gate_norm=4.0, tokens=128 * 15), path)

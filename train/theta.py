@@ -62,9 +62,10 @@ def calibrate_theta(sae: SparseAutoencoder, rows: Iterable[Tensor], target_l0: f
         top_K = merged.topk(min(n_keep + 1, len(merged))).values  # sorted, largest first
     if len(top_K) <= n_keep:
         top_K = torch.cat([top_K, top_K.new_zeros(n_keep + 1 - len(top_K))])
-    # Between the n-th and (n+1)-th largest: exactly n entries exceed it (unless those two tie).
+    # Between the n-th and (n+1)-th largest: exactly n entries exceed it (unless those two tie). Every
+    # entry above the (n+1)-th largest is in top_K, so its count there is the L0 at θ, with no second pass.
     theta = float((top_K[n_keep - 1] + top_K[n_keep]) / 2)
-    l0 = sum(float((sae.pre_acts(x_BD) > theta).sum()) for x_BD in batches) / n_rows
+    l0 = float((top_K > theta).sum()) / n_rows
     return {"theta": theta, "target_l0": target_l0, "l0": l0, "rows": n_rows}
 
 
