@@ -29,6 +29,7 @@ from sae.cache.store import Cache
 from sae.inspect.config import InspectConfig
 from sae.progress import make_progress
 from sae.train.sae import SparseAutoencoder
+from sae.train.sparse import nonzero_rare
 
 
 class Kept(NamedTuple):
@@ -196,7 +197,7 @@ class Scanner:
         self.rows += R
         z_flat = z_RM.view(-1)
         active_RM = torch.gt(z_RM, theta_M, out=self.active_buffer[:R])
-        flat_N = active_RM.view(-1).nonzero().squeeze(1)  # row-major: in row order (flat: faster on CPU)
+        flat_N = nonzero_rare(active_RM.view(-1))  # row-major: in row order
         local_N, cols_N = flat_N // self.sae.m, flat_N % self.sae.m
         values_N = z_flat.index_select(0, flat_N)
         self.count_M += torch.bincount(cols_N, minlength=self.sae.m)

@@ -9,6 +9,7 @@ from sae.train.config import SAESpec, TrainConfig
 from sae.train.sae import SparseAutoencoder
 from sae.train.sparse import (
     decode_sparse,
+    nonzero_rare,
     select_batchtopk,
     select_batchtopk_plain,
     select_batchtopk_threshold,
@@ -125,6 +126,18 @@ def test_topk_of_the_whole_row_is_every_entry():
     assert torch.equal(every.rows_N * 96 + every.cols_N, torch.arange(8 * 96))
     assert torch.equal(every.acts_N.view(8, 96).sort(1).values, top.values.sort(1).values)
 
+
+
+@pytest.mark.parametrize("N, offset", [(4096 * 8, 0), (1001, 0), (7, 0), (0, 0), (4096, 3), (4096, 8)])
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.05, 0.6, 1.0])
+def test_nonzero_rare_equals_nonzero(N, offset, density):
+    """Every path (word hits then bytes, the dense fallback, the tail past the last whole word, a mask
+    not aligned to 8 bytes) gives nonzero's positions; clustered Trues, as kept latents cluster in rows."""
+    generator = torch.Generator().manual_seed(N + offset)
+    mask_N = torch.rand(N + offset, generator=generator) < density
+    mask_N[offset + N // 3 : offset + N // 3 + 5] = density > 0  # a run across a word boundary
+    mask_N = mask_N[offset:]
+    assert torch.equal(nonzero_rare(mask_N), mask_N.nonzero().squeeze(1))
 
 @pytest.mark.parametrize("n_dead, aux_k", [(5, 8), (40, 8), (0, 8), (96, 128)])
 def test_auxk_over_the_dead_columns_equals_the_masked_top_k(n_dead, aux_k):

@@ -82,8 +82,9 @@ def select_dead(pre_BM: Tensor, dead_M: Tensor, aux_k: int) -> Active:
 # BatchTopK's selection: "auto" takes the sampled-threshold path on CPU and the plain path on CUDA;
 # "plain" or "threshold" forces one everywhere (the parity test's switch, and a way back).
 SELECT_PATH = os.environ.get("SAE_BATCHTOPK_SELECT", "auto")
-SELECT_SAMPLE = 1 << 17
-"""Entries in the threshold path's strided sample of the batch matrix."""
+SELECT_SAMPLE = 1 << 15
+"""Entries in the threshold path's strided sample of the batch matrix: 2¹⁵ the fastest of 2¹⁴-2¹⁷ at both
+demo shapes (2.9 against 3.5 ms at 2¹⁷ at the study's; more survivors, fewer misses in a [B, m] past the cache)."""
 
 
 def select_batchtopk(pre_BM: Tensor, k: int) -> Active:
@@ -105,7 +106,7 @@ def select_batchtopk_plain(pre_BM: Tensor, k: int) -> Active:
     v = flat_N.topk(B * k, sorted=False).values.min()
     # nonzero_static: exactly B·k kept by construction, a shape known ahead, so CUDA does not wait
     kept_N = _keep_first(flat_N, v, B * k).nonzero_static(size=B * k).squeeze(1)
-    return _active(pre_BM, kept_N)
+    return _active(pre_BM, kept_N, pre_BM.flatten().index_select(0, kept_N))
 
 
 def select_batchtopk_threshold(pre_BM: Tensor, k: int) -> Active:
@@ -114,27 +115,29 @@ def select_batchtopk_threshold(pre_BM: Tensor, k: int) -> Active:
     values runs on one CPU thread (1.0 s at the paper's B 4096, m 12288); the compare and nonzero
     that find the survivors run on all threads. Reads t and the survivor count on the host: CPU only
     in "auto". Past the survivors it keeps to one-thread ops (top-k of one row) or cheap passes (a
-    mask): on busy cores each multi-threaded op over ~B·k entries waited 10-30 ms for its second thread."""
+    mask): on busy cores each multi-threaded op over ~B·k entries waited 10-30 ms for its second thread.
+    The kept activations come from the survivors' values: a second gather from a [B, m] larger than
+    the cache took 0.75 ms at the demo shape."""
     B, M = pre_BM.shape
     n = B * k
     flat_N = pre_BM.detach().flatten()
     t = _sample_threshold(flat_N, n, M)
-    cand_N = (flat_N >= t).nonzero().squeeze(1) if t > 0 else flat_N[:0]  # row-major: no sort needed
+    cand_N = nonzero_rare(flat_N >= t) if t > 0 else flat_N[:0]  # row-major: no sort needed
     if len(cand_N) < n:  # the sample overestimated v, or fewer than ~B·k entries are positive
         t = flat_N.topk(n, sorted=False).values.min()
-        cand_N = (flat_N >= t).nonzero().squeeze(1)
-    cand_values_N = flat_N.index_select(0, cand_N)
-    if len(cand_N) > n:
-        top = cand_values_N.topk(n + 1, sorted=False)
-        (w, v), (w_at, _) = top.values.topk(2, largest=False)  # the (n+1)-th and the n-th largest
-        if not w < v:  # a tie across the boundary: the tie rule decides
-            return _active(pre_BM, cand_N[_keep_first(cand_values_N, v, n)])
-        # the top n: the top n + 1 but the smallest, back in flat order by a mask (no sort)
+        cand_N = nonzero_rare(flat_N >= t)
+    cand_values_N = pre_BM.flatten().index_select(0, cand_N)  # with pre_BM's gradient, if it has one
+    if len(cand_N) == n:
+        return _active(pre_BM, cand_N, cand_values_N)
+    top = cand_values_N.detach().topk(n + 1, sorted=False)
+    (w, v), (w_at, _) = top.values.topk(2, largest=False)  # the (n+1)-th and the n-th largest
+    if w < v:  # the top n: the top n + 1 but the smallest, back in flat order by a mask (no sort)
         kept_C = torch.zeros(len(cand_N), dtype=torch.bool, device=cand_N.device)
         kept_C[top.indices] = True
         kept_C[top.indices[w_at]] = False
-        cand_N = cand_N.masked_select(kept_C)
-    return _active(pre_BM, cand_N)
+    else:  # a tie across the boundary: the tie rule decides
+        kept_C = _keep_first(cand_values_N.detach(), v, n)
+    return _active(pre_BM, cand_N.masked_select(kept_C), cand_values_N.masked_select(kept_C))
 
 
 def _sample_threshold(flat_N: Tensor, n: int, M: int) -> float:
@@ -150,6 +153,26 @@ def _sample_threshold(flat_N: Tensor, n: int, M: int) -> float:
     return float(sample_N.topk(j, sorted=False).values.min())
 
 
+def nonzero_rare(mask_N: Tensor) -> Tensor:
+    """The positions of the True entries of a contiguous [N] bool mask, ascending, as nonzero() gives
+    them, for a mask that is mostly False (the candidates above a threshold: about 1.2·k/m of B·m).
+    nonzero's loop visits every byte, twice (1.9 ms at the study's 4.7M); here it visits the mask's
+    8-byte words, then the bytes of the words that hold a True: 0.7 ms at 0.8% True. Past a quarter of
+    the words hit, the second visit costs more than it saves, and the plain nonzero runs instead; on
+    CUDA (each nonzero a host sync) and for a mask not aligned to 8 bytes, it always does."""
+    if mask_N.is_cuda or mask_N.storage_offset() % 8:
+        return mask_N.nonzero().squeeze(1)
+    N8 = len(mask_N) // 8 * 8
+    hit_W = mask_N[:N8].view(torch.int64).nonzero().squeeze(1)
+    if len(hit_W) > N8 // 32:
+        return mask_N.nonzero().squeeze(1)
+    at_H2 = mask_N[:N8].view(-1, 8).index_select(0, hit_W).nonzero()  # (word among the hits, byte)
+    head_N = hit_W.index_select(0, at_H2[:, 0]) * 8 + at_H2[:, 1]
+    if N8 == len(mask_N):
+        return head_N
+    return torch.cat([head_N, mask_N[N8:].nonzero().squeeze(1) + N8])
+
+
 def _keep_first(values_N: Tensor, v: Tensor, n: int) -> Tensor:
     """[N] bool over values in flat order: all above v, then those equal to v, lowest position first,
     until n are kept (the tie rule, on every path)."""
@@ -161,8 +184,8 @@ def _keep_first(values_N: Tensor, v: Tensor, n: int) -> Tensor:
     return above_N | (tie_N & (ties_so_far_N <= n - above_N.count_nonzero()))
 
 
-def _active(pre_BM: Tensor, kept_N: Tensor) -> Active:
-    """Active from kept flat indices in row-major order; acts_N gathered from pre_BM carry its gradient."""
+def _active(pre_BM: Tensor, kept_N: Tensor, acts_N: Tensor) -> Active:
+    """Active from kept flat indices in row-major order and their values (from pre_BM, with its gradient)."""
     B, M = pre_BM.shape
     rows_N = kept_N // M
     if pre_BM.is_cuda:  # bincount would read its max on the host
@@ -170,7 +193,7 @@ def _active(pre_BM: Tensor, kept_N: Tensor) -> Active:
     else:  # one thread, where searchsorted's threads wait on busy cores
         counts_B = torch.bincount(rows_N, minlength=B)
         offsets_B = counts_B.cumsum(0) - counts_B
-    return Active(rows_N, kept_N % M, pre_BM.flatten().index_select(0, kept_N), offsets_B)
+    return Active(rows_N, kept_N % M, acts_N, offsets_B)
 
 
 def decode_sparse(active: Active, W_dec_MD: Tensor, tangent: bool = False) -> Tensor:
