@@ -127,7 +127,6 @@ def test_topk_of_the_whole_row_is_every_entry():
     assert torch.equal(every.acts_N.view(8, 96).sort(1).values, top.values.sort(1).values)
 
 
-
 @pytest.mark.parametrize("N, offset", [(4096 * 8, 0), (1001, 0), (7, 0), (0, 0), (4096, 3), (4096, 8)])
 @pytest.mark.parametrize("density", [0.0, 0.003, 0.05, 0.6, 1.0])
 def test_nonzero_rare_equals_nonzero(N, offset, density):
@@ -138,6 +137,7 @@ def test_nonzero_rare_equals_nonzero(N, offset, density):
     mask_N[offset + N // 3 : offset + N // 3 + 5] = density > 0  # a run across a word boundary
     mask_N = mask_N[offset:]
     assert torch.equal(nonzero_rare(mask_N), mask_N.nonzero().squeeze(1))
+
 
 @pytest.mark.parametrize("n_dead, aux_k", [(5, 8), (40, 8), (0, 8), (96, 128)])
 def test_auxk_over_the_dead_columns_equals_the_masked_top_k(n_dead, aux_k):

@@ -129,10 +129,13 @@ class SparseAutoencoder(nn.Module):
         (~15% of the matmul's time at B 4,096, m 2,304)."""
         # Written so that autograd never forms the [B, d] input gradient (a third B·m·d matmul) only to
         # sum it into b_dec's: b_dec W_enc is one [m] vector.
-        bias_M = self.b_enc - self.W_enc_MD @ self.b_dec
-        if torch.is_autocast_enabled(x_BD.device.type):  # a bf16 product summed into fp32 pre-activations
-            return torch.add(x_BD @ self.W_enc, bias_M, out=out)
-        return torch.addmm(bias_M, x_BD, self.W_enc, out=out)  # the bias enters the matmul's output: one pass fewer
+        return addmm(self.b_enc - self.W_enc_MD @ self.b_dec, x_BD, self.W_enc, out)
+
+    def affine_centered(self, xc_BD: Tensor, out: Tensor | None = None) -> Tensor:
+        """xc W_enc + b_enc [B, m] of rows already centred, xc = x − b_dec: the sparse path's, without
+        autograd, which forms xc once for this product and for the encoder's gradient (KeptEncoderGrad).
+        At the study shape the [B, d] subtraction takes 0.1 ms where b_dec W_enc read all of W_enc (0.7)."""
+        return addmm(self.b_enc, xc_BD, self.W_enc, out)
 
     def pre_acts(self, x_BD: Tensor, out: Tensor | None = None) -> Tensor:
         return self.affine(x_BD, out).relu_()  # in place: a pass over [B, m] fewer
@@ -161,11 +164,12 @@ class SparseAutoencoder(nn.Module):
             return decode_sparse(active, self.W_dec, tangent=True)
         return decode_dense(active, self.W_dec)
 
-    def with_encoder_grad(self, active: Active, x_BD: Tensor) -> Active:
-        """Kept entries of a pre_BM made without autograd, given the encoder's gradient at them only."""
+    def with_encoder_grad(self, active: Active, x_BD: Tensor, xc_BD: Tensor) -> Active:
+        """Kept entries of affine_centered(xc_BD), made without autograd, through the ReLU and given the
+        encoder's gradient at them only; xc_BD = x_BD − b_dec, formed once by the caller."""
         active = active._replace(by_column=column_order(active.cols_N, self.m))  # for the decode's gradient too
-        acts_N = KeptEncoderGrad.apply(active.acts_N, x_BD, self.W_enc_MD, self.b_enc, self.b_dec, active.rows_N,
-                                       active.cols_N, active.offsets_B, active.by_column)  # fmt: skip
+        acts_N = KeptEncoderGrad.apply(active.acts_N, x_BD, xc_BD, self.W_enc_MD, self.b_enc, self.b_dec,
+                                       active.rows_N, active.cols_N, active.offsets_B, active.by_column)  # fmt: skip
         return active._replace(acts_N=acts_N)
 
     def mse(self, recon_BD: Tensor, x_BD: Tensor) -> Tensor:
@@ -222,6 +226,14 @@ class SparseAutoencoder(nn.Module):
         if threshold_M is not None:
             tensors["threshold"] = threshold_M.clone()
         return {name: t.float().cpu().contiguous() for name, t in tensors.items()}
+
+
+def addmm(bias_M: Tensor, x_BD: Tensor, W_DM: Tensor, out: Tensor | None) -> Tensor:
+    """bias + x W [B, m], the bias entering the matmul's output (one pass fewer); under autocast a bf16
+    product summed into fp32."""
+    if torch.is_autocast_enabled(x_BD.device.type):
+        return torch.add(x_BD @ W_DM, bias_M, out=out)
+    return torch.addmm(bias_M, x_BD, W_DM, out=out)
 
 
 class MeanSquaredError(torch.autograd.Function):

@@ -257,32 +257,34 @@ def decode_dense(active: Active, W_dec_MD: Tensor) -> Tensor:
 
 
 class KeptEncoderGrad(torch.autograd.Function):
-    """acts_N, the kept entries of a pre_BM computed without autograd, with the encoder's gradient over
-    those entries only (as sparsify's fused encoder): B·k·d work in place of the dense backward's B·m·d
-    matmul and its passes over [B, m] (ReLU, bias sums, the scatter into zeros). For a kept (b, j) with
-    pre_bj = ReLU((x_b − b_dec)·W_enc[:, j] + b_enc[j]) > 0 and upstream gradient g:
-    ∂W_enc[:, j] += g·(x_b − b_dec), ∂b_enc[j] += g, ∂b_dec −= g·W_enc[:, j], ∂x_b += g·W_enc[:, j]."""
+    """The ReLU of acts_N, kept entries of the affine map computed without autograd, with the encoder's
+    gradient over those entries only (as sparsify's fused encoder): B·k·d work in place of the dense
+    backward's B·m·d matmul and its passes over [B, m] (ReLU, bias sums, the scatter into zeros). The
+    selection ran on the affine map itself: it keeps the same positive entries as on its ReLU, and a
+    non-positive entry kept in place of a 0 gives 0 and no gradient either way. For a kept (b, j) with
+    pre_bj = ReLU(xc_b·W_enc[:, j] + b_enc[j]) > 0, xc_b = x_b − b_dec, and upstream gradient g:
+    ∂W_enc[:, j] += g·xc_b, ∂b_enc[j] += g, ∂b_dec −= g·W_enc[:, j], ∂x_b += g·W_enc[:, j]."""
 
     @staticmethod
-    def forward(ctx, acts_N: Tensor, x_BD: Tensor, W_enc_MD: Tensor, b_enc_M: Tensor, b_dec_D: Tensor,
+    def forward(ctx, acts_N: Tensor, x_BD: Tensor, xc_BD: Tensor, W_enc_MD: Tensor, b_enc_M: Tensor, b_dec_D: Tensor,
                 rows_N: Tensor, cols_N: Tensor, offsets_B: Tensor, by_column: ColumnOrder) -> Tensor:  # fmt: skip
-        ctx.save_for_backward(acts_N, x_BD, W_enc_MD, b_dec_D, rows_N, cols_N, offsets_B)
-        ctx.by_column = by_column
-        return acts_N.clone()
+        relu_N = acts_N.clamp(min=0)
+        ctx.save_for_backward(relu_N, xc_BD, W_enc_MD, rows_N, cols_N, offsets_B)
+        ctx.by_column, ctx.x_dtype = by_column, x_BD.dtype
+        return relu_N
 
     @staticmethod
     def backward(ctx, grad_N: Tensor):
-        acts_N, x_BD, W_enc_MD, b_dec_D, rows_N, cols_N, offsets_B = ctx.saved_tensors
+        relu_N, xc_BD, W_enc_MD, rows_N, cols_N, offsets_B = ctx.saved_tensors
         M = W_enc_MD.shape[0]
-        g_N = grad_N.float() * (acts_N > 0)  # ReLU's gradient: none through a kept 0
+        g_N = grad_N.float() * (relu_N > 0)  # ReLU's gradient: none through a kept 0
         grad_b_enc_M = torch.zeros(M, device=g_N.device).index_add_(0, cols_N, g_N)
         grad_x = grad_W_enc = grad_b_dec = None
-        if ctx.needs_input_grad[2]:
-            xc_BD = x_BD.float() - b_dec_D.float()
-            grad_W_enc = sum_by_column(ctx.by_column, rows_N, xc_BD, g_N)  # [m, d], W_enc_MD's own layout
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[3]:
+            grad_W_enc = sum_by_column(ctx.by_column, rows_N, xc_BD.float(), g_N)  # [m, d], W_enc_MD's own layout
+        if ctx.needs_input_grad[5]:
             grad_b_dec = -(grad_b_enc_M @ W_enc_MD.float())
         if ctx.needs_input_grad[1]:
             grad_x = F.embedding_bag(cols_N, W_enc_MD.float(), offsets_B, mode="sum", per_sample_weights=g_N)
-            grad_x = grad_x.to(x_BD.dtype)
-        return None, grad_x, grad_W_enc, grad_b_enc_M, grad_b_dec, None, None, None, None
+            grad_x = grad_x.to(ctx.x_dtype)
+        return None, grad_x, None, grad_W_enc, grad_b_enc_M, grad_b_dec, None, None, None, None

@@ -50,12 +50,12 @@ class MatryoshkaBatchTopK(BatchTopK):
             )
 
     def forward(self, sae, x_BD: Tensor, aux_k: int) -> SAEOutput:
-        pre_BM, active = self.kept(sae, x_BD)
+        z_BM, xc_BD, active = self.kept(sae, x_BD)
         prefix_BGD = self.decode_prefixes(sae, active, len(x_BD)) + sae.b_dec
         recon_BD = prefix_BGD[:, -1]
         l0_B, fired_M = fired(active, len(x_BD), sae.m)
-        zero = pre_BM.new_zeros(())
-        aux = self.aux_coeff * self.auxk_loss(sae, x_BD, recon_BD, pre_BM, aux_k) if aux_k else zero
+        zero = z_BM.new_zeros(())
+        aux = self.aux_coeff * self.auxk_loss(sae, x_BD, xc_BD, recon_BD, z_BM, aux_k) if aux_k else zero
         # mean over B·d of each prefix's squared error: [G]; the last is the whole SAE's (the logged mse)
         errors_G = (prefix_BGD.float() - x_BD.float()[:, None]).square().mean((0, 2))
         mse = errors_G[-1]

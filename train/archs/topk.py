@@ -5,8 +5,6 @@ and, on the sparse path, the encoder's gradient touch only them (B·k·d work). 
 BatchTopK inherit this forward and change the selection and the loss.
 """
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -29,31 +27,36 @@ class TopK(Architecture):
     def select_dense(self, sae, pre_BM: Tensor) -> Tensor:
         return densify(self.select(pre_BM), *pre_BM.shape)
 
-    def kept(self, sae, x_BD: Tensor) -> tuple[Tensor, Active]:
-        """(pre-activations [B, m], the selected entries carrying the encoder's gradient). On the sparse
-        path pre_BM is made without autograd and the gradient flows through the kept entries only."""
-        with torch.no_grad() if sae.sparse_decode else contextlib.nullcontext():
-            pre_BM = sae.pre_acts(x_BD, sae.scratch_BM(x_BD) if sae.sparse_decode else None)
-        active = self.select(pre_BM)
-        if sae.sparse_decode:
-            active = sae.with_encoder_grad(active, x_BD)
-        return pre_BM, active
+    def kept(self, sae, x_BD: Tensor) -> tuple[Tensor, Tensor | None, Active]:
+        """(the [B, m] matrix selected from, x − b_dec or None, the selected entries carrying the encoder's
+        gradient). The dense path selects from the pre-activations, with autograd. The sparse path
+        selects from the affine map of x − b_dec (formed once, for the encoder's gradient too), made
+        without autograd and without the ReLU, a pass over [B, m]: the ReLU and the gradient apply to
+        the kept entries only (KeptEncoderGrad)."""
+        if not sae.sparse_decode:
+            pre_BM = sae.pre_acts(x_BD)
+            return pre_BM, None, self.select(pre_BM)
+        with torch.no_grad():
+            xc_BD = x_BD - sae.b_dec
+            z_BM = sae.affine_centered(xc_BD, sae.scratch_BM(x_BD))
+        return z_BM, xc_BD, sae.with_encoder_grad(self.select(z_BM), x_BD, xc_BD)
 
     def forward(self, sae, x_BD: Tensor, aux_k: int) -> SAEOutput:
-        pre_BM, active = self.kept(sae, x_BD)
+        z_BM, xc_BD, active = self.kept(sae, x_BD)
         recon_BD = sae.decode_active(active) + sae.b_dec
         l0_B, fired_M = fired(active, len(x_BD), sae.m)
-        zero = pre_BM.new_zeros(())
-        aux = self.aux_coeff * self.auxk_loss(sae, x_BD, recon_BD, pre_BM, aux_k) if aux_k else zero
+        zero = z_BM.new_zeros(())
+        aux = self.aux_coeff * self.auxk_loss(sae, x_BD, xc_BD, recon_BD, z_BM, aux_k) if aux_k else zero
         mse = sae.mse(recon_BD, x_BD)
         return SAEOutput(recon_BD, active, l0_B, fired_M, mse, zero, aux, mse + zero + aux)
 
-    def auxk_loss(self, sae, x_BD: Tensor, recon_BD: Tensor, pre_BM: Tensor, aux_k: int) -> Tensor:
-        """Gao et al.: reconstruct the residual from the aux_k largest dead latents (no b_dec)."""
+    def auxk_loss(self, sae, x_BD: Tensor, xc_BD: Tensor | None, recon_BD: Tensor, z_BM: Tensor, aux_k: int) -> Tensor:
+        """Gao et al.: reconstruct the residual from the aux_k largest dead latents (no b_dec); z_BM, xc_BD
+        as kept() gave them."""
         dead_M = sae.dead_M()
-        active = select_dead(pre_BM, dead_M, aux_k)
-        if sae.sparse_decode:  # pre_BM was made without autograd (kept)
-            active = sae.with_encoder_grad(active, x_BD)
+        active = select_dead(z_BM, dead_M, aux_k)
+        if xc_BD is not None:  # the sparse path: z_BM was made without autograd
+            active = sae.with_encoder_grad(active, x_BD, xc_BD)
         residual_BD = (x_BD - recon_BD).detach()
         return (sae.decode_active(active).float() - residual_BD.float()).square().mean() * dead_M.any()
 
