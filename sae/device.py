@@ -1,7 +1,9 @@
 """Which torch device a stage runs on: the one place `--device` is read."""
 
 import contextlib
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -36,3 +38,20 @@ def one_cpu_thread(on_cpu: bool = True):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def keep_freed_memory() -> None:
+    """glibc's malloc keeps the blocks the process frees for its next allocations, instead of giving
+    them back to the kernel (CPU training; the resident memory then stays at its peak). A training step
+    frees and makes the same [B, d] and [m, d] tensors every step; past glibc's trim and mmap thresholds
+    each came back as fresh pages: 1,800 page faults a step at the demo shape (B 4,096, d 576), ~9 ms of
+    an 88 ms step. No effect beyond Linux's glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl): its own malloc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)

@@ -16,7 +16,7 @@ from sae.cache.follow import Follower, wait_for_cache
 from sae.cache.store import Cache, open_cache
 from sae.cache.window import Window
 from sae.config import to_jsonable
-from sae.device import resolve_device
+from sae.device import keep_freed_memory, resolve_device
 from sae.errors import UserError
 from sae.progress import console, make_progress
 from sae.train import rundir
@@ -148,7 +148,9 @@ def start_ranks(cfg: TrainConfig) -> tuple[int, int]:
 
 
 def configure_backend(device: torch.device, precision: str) -> None:
-    """CUDA: select the device; TF32 matmuls unless fp32 was asked for. CPU: nothing to set."""
+    """CUDA: select the device; TF32 matmuls unless fp32 was asked for. CPU: malloc keeps freed memory."""
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         if device.index is not None:  # "cuda" alone means the current device
             torch.cuda.set_device(device)
