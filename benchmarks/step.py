@@ -7,11 +7,15 @@
     python -m benchmarks.step --shape paper --device cuda --precision bf16   # on a GPU (benchmarks/gpu_check.sh)
 
 For each shape and architecture (BatchTopK, TopK) in one run on this device: the step's median time
-(train.trainer.train_step, what `sae train` runs for each SAE), the encoder matmul alone at the same
-shapes (torch.addmm [B, d] @ [d, m], the floor; on the CPU also into a reused buffer, as the step's),
-their ratio (the matmul's share of a step), the plain
-reference step (benchmarks.reference, BatchTopK) and our speed-up over it, and the profiler's
-largest items per step. Rows are planted activations (tests.synthetic) unless --cache names a cache of the shape's d.
+(train.trainer.train_step, what `sae train` runs for each SAE); the encoder matmul alone at the same
+shapes, as torch.addmm [B, d] @ [d, m] (the issue's floor: MKL's sgemm on the CPU) and as the step
+computes it (train.sae.encoder_product: oneDNN's on the CPU, 2.2x MKL's on AMD Zen 5), each with its
+share of a step; the plain reference step (benchmarks.reference, BatchTopK) and our speed-up over it;
+and the profiler's largest items per step. Rows are planted activations (tests.synthetic) unless
+--cache names a cache of the shape's d. The addmm floor and the reference run as plain code runs, our
+steps and their own matmul as `sae train` runs them: on the CPU after malloc is told to keep freed
+memory (sae.device.keep_freed_memory), which gave the reference 17% and the fresh-output floor 18% at
+the demo shape: measured the other way, the yardsticks move.
 """
 
 import argparse
@@ -31,7 +35,7 @@ from sae.device import resolve_device
 from sae.train.config import TrainConfig
 from sae.train.gate import Gate
 from sae.train.inputs import InputSetup, geometric_median
-from sae.train.sae import normalize_input
+from sae.train.sae import encoder_product, normalize_input
 from sae.train.state import DeadLatents, make_optimizer, make_sae
 from sae.train.trainer import configure_backend, train_step
 from tests.synthetic import planted_acts
@@ -87,16 +91,17 @@ def our_step(arch: str, m: int, k: int, first_BD: torch.Tensor, precision: str =
     return lambda x: train_step(sae, sae, opt, x, cfg, 1, dead)
 
 
-def matmul(d: int, m: int, B: int, device: torch.device, precision: str = "tf32", reuse: bool = False):
-    """The floor: the encoder's forward matmul alone at the step's precision (bf16: autocast's), into a
-    fresh output (the issue's floor) or, `reuse`, into one reused buffer as the step's on the CPU (a
-    fresh [B, m] output's page faults are part of the first floor, and of no step)."""
-    W_DM, bias_M = torch.randn(d, m, device=device) / d**0.5, torch.zeros(m, device=device)
-    out_BM = torch.empty(B, m, device=device) if reuse else None
+def matmul(d: int, m: int, B: int, device: torch.device, precision: str = "tf32", kernel: str = "addmm"):
+    """The encoder's forward matmul alone at the step's precision (bf16: autocast's). kernel "addmm":
+    torch.addmm into a fresh output, the issue's floor (MKL's sgemm on the CPU); "step": the product as
+    the sparse step computes it (train.sae.encoder_product without autograd: oneDNN's on the CPU)."""
+    W_MD, bias_M = torch.randn(m, d, device=device) / d**0.5, torch.zeros(m, device=device)
 
     def encode(x_BD):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return torch.addmm(bias_M, x_BD, W_DM, out=out_BM)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), torch.no_grad():
+            if kernel == "step":
+                return encoder_product(bias_M, x_BD, W_MD)
+            return torch.addmm(bias_M, x_BD, W_MD.t())
 
     return encode
 
@@ -122,27 +127,35 @@ def top_ops(step, batches: list[torch.Tensor], top: int = TOP_OPS) -> list[dict]
 
 def measure(shapes: dict, steps: int, cache: str | None, contend: bool, device: torch.device = torch.device("cpu"),
             precision: str = "tf32") -> list[dict]:  # fmt: skip
+    """The floors and the reference run first, as plain code runs (glibc's malloc as it comes); then our
+    steps as `sae train` runs them, after configure_backend (which on the CPU makes malloc keep freed
+    memory: for the whole process, hence second). On CUDA configure_backend sets TF32 for all of them."""
+    if device.type == "cuda":
+        configure_backend(device, precision)
+    baselines = {}
+    for shape, (d, m, k, B) in shapes.items():
+        batches = rows(d, B, steps + 3, cache, device)
+        base = {"batches": batches, "matmul_ms": median_ms(matmul(d, m, B, device, precision), batches)}
+        base["reference_ms"] = median_ms(ReferenceSAE("batchtopk", d, m, k, device=device).step, batches)
+        if contend:
+            with contender():
+                base["contended_matmul_ms"] = median_ms(matmul(d, m, B, device, precision), batches)
+        baselines[shape] = base
     configure_backend(device, precision)
     results = []
     for shape, (d, m, k, B) in shapes.items():
-        batches = rows(d, B, steps + 3, cache, device)
-        floor_ms = median_ms(matmul(d, m, B, device, precision), batches)
-        # autocast has no out= variants: bf16's floor is the fresh one's
-        reusable = device.type == "cpu" and precision != "bf16"
-        reused_ms = median_ms(matmul(d, m, B, device, precision, reuse=True), batches) if reusable else None
-        reference_ms = median_ms(ReferenceSAE("batchtopk", d, m, k, device=device).step, batches)
+        batches = baselines[shape].pop("batches")
+        baselines[shape]["kernel_ms"] = median_ms(matmul(d, m, B, device, precision, kernel="step"), batches)
         for arch in ARCHS:
             step = our_step(arch, m, k, batches[0], precision)
             step_ms = median_ms(step, batches)
             result = {"shape": shape, "d": d, "m": m, "k": k, "B": B, "arch": arch, "step_ms": step_ms}
-            result.update(device=str(device), precision=precision)
-            result.update(matmul_ms=floor_ms, matmul_reused_ms=reused_ms, reference_ms=reference_ms)
+            result.update(device=str(device), precision=precision, **baselines[shape])
             result["tok_s"] = B / step_ms * 1e3
             result["ops"] = top_ops(step, batches[-3:])
             if contend:
                 with contender():
                     result["contended_step_ms"] = median_ms(our_step(arch, m, k, batches[0], precision), batches)
-                    result["contended_matmul_ms"] = median_ms(matmul(d, m, B, device, precision), batches)
             results.append(result)
     return results
 
@@ -162,16 +175,15 @@ class contender:
 def report(results: list[dict]) -> None:
     where = f"{results[0]['device']}, {results[0]['precision']}" if results else ""
     print(f"# {where}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
-    print("| shape | arch | step ms | tok/s | matmul ms | matmul share | reused-buffer matmul ms | its share "
+    print("| shape | arch | step ms | tok/s | addmm ms | its share | step's matmul ms | its share "
           "| reference ms | vs reference |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         name = f"d {r['d']}, m {r['m']}, B {r['B']}"
-        share, speedup = r["matmul_ms"] / r["step_ms"], r["reference_ms"] / r["step_ms"]
-        reused = r["matmul_reused_ms"]
-        reused_cells = f"{reused:.1f} | {reused / r['step_ms']:.0%}" if reused is not None else "- | -"
-        print(f"| {name} | {r['arch']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['matmul_ms']:.1f} "
-              f"| {share:.0%} | {reused_cells} | {r['reference_ms']:.1f} | {speedup:.2f}× |")  # fmt: skip
+        share, kernel_share = r["matmul_ms"] / r["step_ms"], r["kernel_ms"] / r["step_ms"]
+        print(f"| {name} | {r['arch']} | {r['step_ms']:.1f} | {r['tok_s']:,.0f} | {r['matmul_ms']:.1f} | {share:.0%} "
+              f"| {r['kernel_ms']:.1f} | {kernel_share:.0%} | {r['reference_ms']:.1f} "
+              f"| {r['reference_ms'] / r['step_ms']:.2f}× |")  # fmt: skip
     for r in results:
         print(f"\n## {r['arch']}, d {r['d']}, m {r['m']}, B {r['B']}: largest items per step (self time)")
         print("| op | calls | ms | of step |\n|---|---:|---:|---:|")

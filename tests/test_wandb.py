@@ -3,6 +3,7 @@ metrics.jsonl and cfg.json say."""
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def wandb_records(path: Path):
             parts = b""
 
 
+def finished_records(path: Path, timeout_s: float = 30.0) -> list:
+    """The run file's records once wandb's service process has written its last, the exit record: it
+    writes the file on its own, and twice in some 40 runs of this test it was read before it held even
+    the run record."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path))
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def items(update) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in update}
 
@@ -57,7 +70,7 @@ def test_an_offline_wandb_run_records_the_config_and_every_logged_metric(tmp_pat
     )  # fmt: skip
     run_dirs = run_training(cfg, cache)
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    records = list(wandb_records(run_file))
+    records = finished_records(run_file)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     config = items(run.config.update)
     assert config["arch"] == ["batchtopk", "topk"] and config["runs"] == [d.name for d in run_dirs]

@@ -75,9 +75,6 @@ class TrainState:
                  device: torch.device):  # fmt: skip
         """setups: each SAE's input set-up (its layer's)."""
         self.saes = [make_sae(cfg, spec, d_in, device, setup) for spec, setup in zip(specs, setups, strict=True)]
-        scratch_pool: dict = {}  # one [B, m] buffer per shape for the whole sweep: the SAEs step in turn
-        for sae in self.saes:
-            sae.scratch_pool = scratch_pool
         self.opts = [make_optimizer(cfg, sae) for sae in self.saes]
         self.models = [torch.compile(sae) if cfg.compile else sae for sae in self.saes]
         self.thetas = [

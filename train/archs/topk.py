@@ -38,7 +38,7 @@ class TopK(Architecture):
             return pre_BM, None, self.select(pre_BM)
         with torch.no_grad():
             xc_BD = x_BD - sae.b_dec
-            z_BM = sae.affine_centered(xc_BD, sae.scratch_BM(x_BD))
+            z_BM = sae.affine_centered(xc_BD)
         return z_BM, xc_BD, sae.with_encoder_grad(self.select(z_BM), x_BD, xc_BD)
 
     def forward(self, sae, x_BD: Tensor, aux_k: int) -> SAEOutput:
