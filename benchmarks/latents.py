@@ -29,6 +29,7 @@ import torch
 from benchmarks import parse_with_tiny
 from benchmarks.mfu import peak_flops
 from sae.cache.store import open_cache
+from sae.device import keep_freed_memory
 from sae.inspect.config import InspectConfig
 from sae.inspect.scan import Scanner, plan_rows, scan
 from sae.train.config import SAESpec
@@ -52,6 +53,7 @@ def timed(fn, device: torch.device) -> float:
 @torch.no_grad()
 def measure(d: int = 576, m: int = 2304, k: int = 32, rows: int = 1_048_576, batch_rows: int = 4096) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep_freed_memory(device)  # as `sae inspect` runs (inspect.stage), for all four figures
     rows = max(CTX_LEN, rows // CTX_LEN * CTX_LEN)
     # in pieces: planted_acts holds [rows, 4d] int64 ranks, 6 GB at 262k rows of d 768
     acts_RD = torch.cat([planted_acts(min(16_384, rows - r), d, 4 * d, k, seed=r) for r in range(0, rows, 16_384)]) * 3

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from sae.config import to_jsonable
-from sae.device import resolve_device
+from sae.device import keep_freed_memory, resolve_device
 from sae.errors import UserError
 from sae.evaluate.absorption import probe_data, sae_absorption
 from sae.evaluate.config import EvalConfig
@@ -46,6 +46,7 @@ def evaluate_runs(run_dirs: list[Path], cfg: EvalConfig) -> list[Path]:
     eval.json files written."""
     runs = [read_run(d, cfg.cache, cfg.model, cfg.site, cfg.layer) for d in run_dirs]
     device = resolve_device(cfg.device)
+    keep_freed_memory(device)
     written = []
     for (model_id, dtype), model_runs in _groups(runs, lambda r: r.model_key):
         try:

@@ -32,7 +32,7 @@ from sae.cache.store import (
 )
 from sae.cache.window import Window
 from sae.config import to_jsonable
-from sae.device import resolve_device
+from sae.device import keep_freed_memory, resolve_device
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.harvest.hooks import capture
@@ -66,6 +66,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, root: Locatio
     Under torchrun every rank runs this, and together they write what one process would (harvest.ranks)."""
     ranks = Ranks()
     device = resolve_device(cfg.device)
+    keep_freed_memory(device)
     source = DatasetSource.resolve(cfg.dataset)
     dataset = open_dataset(source, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
     root = root or default_cache_root(cfg.cache_dir)

@@ -11,7 +11,7 @@ import torch
 from sae.cache.store import Cache, default_cache_root
 from sae.commands import harvest_command_line
 from sae.config import build_config
-from sae.device import resolve_device
+from sae.device import keep_freed_memory, resolve_device
 from sae.errors import UserError
 from sae.harvest.config import HarvestConfig
 from sae.inspect.config import InspectConfig
@@ -140,6 +140,7 @@ def inspect_data(run: Run, cfg: InspectConfig) -> dict:
     """latents.json's content for a run (the whole computation)."""
     plan = check_source(run, cfg)
     device = resolve_device(cfg.device)
+    keep_freed_memory(device)
     sae = load_sae(run, device)
     tokenizer, effects = lm_effects(run, sae.W_dec.detach(), cfg, device) if cfg.lm else (None, None)
     neighbours = nearest_latents(sae.W_dec.detach(), cfg.neighbours)

@@ -149,8 +149,7 @@ def start_ranks(cfg: TrainConfig) -> tuple[int, int]:
 
 def configure_backend(device: torch.device, precision: str) -> None:
     """CUDA: select the device; TF32 matmuls unless fp32 was asked for. CPU: malloc keeps freed memory."""
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     if device.type == "cuda":
         if device.index is not None:  # "cuda" alone means the current device
             torch.cuda.set_device(device)
