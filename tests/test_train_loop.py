@@ -228,3 +228,18 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
         done = subprocess.run([sys.executable, "-c", FREE_AND_MAKE, mode], capture_output=True, text=True, check=True)
         faults[mode] = int(done.stdout)
     assert faults["off"] > 9 * 10240 and faults["on"] < faults["off"] / 3, faults
+
+
+def test_a_compiled_sweep_trains_the_eager_sweeps_saes(cache, tmp_path):
+    """--compile on the CPU (Inductor, which builds C++: .ci/install puts g++ there): the same logged
+    losses as the eager run to float32 summation order, BatchTopK's sparse step and JumpReLU's dense one."""
+    losses = {}
+    for compiled in (False, True):
+        cfg = small_config(tmp_path / str(compiled), compile=compiled, tokens=10 * 128)
+        losses[compiled] = {
+            run_dir.name: [json.loads(line)["loss"] for line in (run_dir / METRICS).read_text().splitlines()[:-1]]
+            for run_dir in run_training(cfg, cache)
+        }
+    assert losses[True].keys() == losses[False].keys() and all(len(v) == 2 for v in losses[False].values())
+    for name, eager in losses[False].items():
+        assert losses[True][name] == pytest.approx(eager, rel=1e-4), name

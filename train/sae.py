@@ -218,11 +218,12 @@ def encoder_product(bias_M: Tensor, x_BD: Tensor, W_MD: Tensor, out: Tensor | No
     """bias + x W_MDᵀ [B, m], float32, by the fastest route that keeps autograd where it is wanted:
     under autocast, a bf16 product summed into fp32 pre-activations; on the CPU without autograd,
     oneDNN's fp32 matmul (sae.device.ONEDNN_LINEAR: 2.2× MKL's at the demo shapes on AMD; a fresh
-    tensor); else addmm, the bias entering the matmul's output (one pass fewer), into `out` if given."""
+    tensor; not under torch.compile, which picks its own); else addmm, the bias entering the matmul's output (one pass fewer), into `out` if given."""
     if torch.is_autocast_enabled(x_BD.device.type):
         return torch.add(x_BD @ W_MD.t(), bias_M, out=out)
     if ONEDNN_LINEAR is not None and cpu_fp32(x_BD, W_MD, bias_M) and not torch.is_grad_enabled():
-        return ONEDNN_LINEAR(x_BD, W_MD, bias_M, "none", [], "")
+        if not torch.compiler.is_compiling():  # Inductor lowers this op only with its own packed weights
+            return ONEDNN_LINEAR(x_BD, W_MD, bias_M, "none", [], "")
     return torch.addmm(bias_M, x_BD, W_MD.t(), out=out)
 
 
