@@ -9,7 +9,7 @@ from sae.errors import UserError
 from sae.train.config import SAESpec, TrainConfig
 from sae.train.gate import Gate
 from sae.train.inputs import InputSetup
-from sae.train.sae import SparseAutoencoder, normalize_input
+from sae.train.sae import SparseAutoencoder, cpu_linear, normalize_input
 from sae.train.sparse import (
     decode_dense,
     decode_sparse,
@@ -279,3 +279,21 @@ def test_the_fused_squared_error_equals_autograds_with_both_gradients(dtype):
     assert results[0][1].dtype == dtype
     for fused, plain in zip(*results, strict=True):
         torch.testing.assert_close(fused, plain)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+def test_cpu_linear_and_its_gradients_equal_addmms():
+    """oneDNN's product with autograd (the CPU's encoder product and decode): the output and the three
+    gradients equal autograd's through addmm, W given as a transposed view as the decode gives it."""
+    generator = torch.Generator().manual_seed(0)
+    x_BI, W_IO, bias_O, g_BO = (
+        torch.randn(*shape, generator=generator) for shape in ((64, 48), (48, 80), (80,), (64, 80))
+    )
+    results = []
+    for product in (cpu_linear, lambda x, W, b: torch.addmm(b, x, W.t())):
+        leaves = [t.clone().requires_grad_() for t in (x_BI, W_IO, bias_O)]
+        y_BO = product(leaves[0], leaves[1].t(), leaves[2])
+        y_BO.backward(g_BO)
+        results.append([y_BO.detach()] + [t.grad for t in leaves])
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -141,6 +141,8 @@ class SparseAutoencoder(nn.Module):
 
     def decode(self, latents_BM: Tensor) -> Tensor:
         """Dense latents back to the SAE's input space (un-normalise with normalize's mult and shift)."""
+        if use_onednn(latents_BM, self.W_dec):
+            return cpu_linear(latents_BM, self.W_dec.t(), self.b_dec)
         return latents_BM @ self.W_dec + self.b_dec
 
     def decode_active(self, active: Active) -> Tensor:
@@ -215,16 +217,51 @@ class SparseAutoencoder(nn.Module):
 
 
 def encoder_product(bias_M: Tensor, x_BD: Tensor, W_MD: Tensor, out: Tensor | None = None) -> Tensor:
-    """bias + x W_MDᵀ [B, m], float32, by the fastest route that keeps autograd where it is wanted:
-    under autocast, a bf16 product summed into fp32 pre-activations; on the CPU without autograd,
-    oneDNN's fp32 matmul (sae.device.ONEDNN_LINEAR: 2.2× MKL's at the demo shapes on AMD; a fresh
-    tensor; not under torch.compile, which picks its own); else addmm, the bias entering the matmul's output (one pass fewer), into `out` if given."""
+    """bias + x W_MDᵀ [B, m], float32: under autocast a bf16 product summed into fp32 pre-activations;
+    on the CPU in float32 oneDNN's matmul (cpu_linear; a fresh tensor); else addmm, the bias entering
+    the matmul's output (one pass fewer), into `out` if given."""
     if torch.is_autocast_enabled(x_BD.device.type):
         return torch.add(x_BD @ W_MD.t(), bias_M, out=out)
-    if ONEDNN_LINEAR is not None and cpu_fp32(x_BD, W_MD, bias_M) and not torch.is_grad_enabled():
-        if not torch.compiler.is_compiling():  # Inductor lowers this op only with its own packed weights
-            return ONEDNN_LINEAR(x_BD, W_MD, bias_M, "none", [], "")
+    if use_onednn(x_BD, W_MD, bias_M):
+        return cpu_linear(x_BD, W_MD, bias_M)
     return torch.addmm(bias_M, x_BD, W_MD.t(), out=out)
+
+
+def use_onednn(*tensors: Tensor) -> bool:
+    """oneDNN's matmul for these operands: a CPU torch with oneDNN, float32, and not under torch.compile
+    (Inductor lowers oneDNN's op only with its own packed weights, and picks its own kernels)."""
+    return ONEDNN_LINEAR is not None and cpu_fp32(*tensors) and not torch.compiler.is_compiling()
+
+
+def cpu_linear(x_BI: Tensor, W_OI: Tensor, bias_O: Tensor | None) -> Tensor:
+    """x Wᵀ + bias [B, O] by oneDNN's fp32 matmul (sae.device.ONEDNN_LINEAR: 2.2× MKL's sgemm at the
+    demo shapes on AMD), with autograd when an operand wants it: its backward's two products are
+    oneDNN's too, on transposed views (no copies: 16 vs MKL's 29 ms for W's gradient at the study shape)."""
+    if not torch.is_grad_enabled():
+        return ONEDNN_LINEAR(x_BI, W_OI, bias_O, "none", [], "")
+    return CPULinear.apply(x_BI, W_OI, bias_O)
+
+
+class CPULinear(torch.autograd.Function):
+    """cpu_linear with its gradients: ∂x = g W, ∂W = gᵀ x, ∂bias = Σ_b g (each product by oneDNN)."""
+
+    @staticmethod
+    def forward(ctx, x_BI: Tensor, W_OI: Tensor, bias_O: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x_BI, W_OI)
+        ctx.has_bias = bias_O is not None
+        return ONEDNN_LINEAR(x_BI, W_OI, bias_O, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_BO: Tensor):
+        x_BI, W_OI = ctx.saved_tensors
+        grad_x = grad_W = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ONEDNN_LINEAR(grad_BO, W_OI.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            grad_W = ONEDNN_LINEAR(grad_BO.t(), x_BI.t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_BO.sum(0)
+        return grad_x, grad_W, grad_bias
 
 
 class MeanSquaredError(torch.autograd.Function):
