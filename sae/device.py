@@ -70,8 +70,8 @@ def _onednn_linear():
 ONEDNN_LINEAR = _onednn_linear()
 """torch's own CPU matmuls call MKL's sgemm, which on AMD CPUs runs its AVX2 code: at B 1,024, d 576,
 m 4,608 on two Zen 5 cores 28.2 ms (190 GFLOP/s) where oneDNN's AVX-512 kernel takes 12.8 (2.2×; 55.7
-and 25.3 ms at B 4,096, m 2,304), the same float32 arithmetic summed in another order. No autograd:
-for products nothing differentiates (train.sae.encoder_product, harvest.model.onednn_linears)."""
+and 25.3 ms at B 4,096, m 2,304), the same float32 arithmetic summed in another order. The op has
+no autograd: train.sae.cpu_linear gives it a backward; harvest.model.onednn_linears needs none."""
 
 
 def cpu_fp32(*tensors: torch.Tensor) -> bool:
