@@ -15,7 +15,7 @@ from torch import nn
 
 from sae.cache.spec import file_sha256
 from sae.config import check_choice
-from sae.device import ONEDNN_LINEAR, cpu_fp32
+from sae.device import ONEDNN_LINEAR, cpu_fp32, cpu_linear, use_onednn
 from sae.errors import UserError
 
 SITES = ("resid_pre", "resid_post")
@@ -182,12 +182,12 @@ def load_model(model_id: str, model_dtype: str = "float32", device: str = "cpu")
 
 
 class OneDNNLinear(nn.Linear):
-    """nn.Linear by oneDNN's matmul where no gradient is wanted (sae.device.ONEDNN_LINEAR)."""
+    """nn.Linear by oneDNN's matmul where no gradient is wanted (sae.device.cpu_linear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not cpu_fp32(x, self.weight):
+        if torch.is_grad_enabled() or not use_onednn(x, self.weight):
             return super().forward(x)
-        return ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+        return cpu_linear(x, self.weight, self.bias)
 
 
 def onednn_linears(model: nn.Module) -> int:

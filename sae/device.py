@@ -7,6 +7,7 @@ import os
 import sys
 
 import torch
+from torch import Tensor
 
 from sae.errors import UserError
 
@@ -71,9 +72,46 @@ ONEDNN_LINEAR = _onednn_linear()
 """torch's own CPU matmuls call MKL's sgemm, which on AMD CPUs runs its AVX2 code: at B 1,024, d 576,
 m 4,608 on two Zen 5 cores 28.2 ms (190 GFLOP/s) where oneDNN's AVX-512 kernel takes 12.8 (2.2×; 55.7
 and 25.3 ms at B 4,096, m 2,304), the same float32 arithmetic summed in another order. The op has
-no autograd: train.sae.cpu_linear gives it a backward; harvest.model.onednn_linears needs none."""
+no autograd: cpu_linear below gives it a backward."""
 
 
-def cpu_fp32(*tensors: torch.Tensor) -> bool:
+def cpu_fp32(*tensors: Tensor) -> bool:
     """All on the CPU in float32: the tensors ONEDNN_LINEAR takes."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def use_onednn(*tensors: Tensor) -> bool:
+    """oneDNN's matmul for these operands: a CPU torch with oneDNN, float32, and not under torch.compile
+    (Inductor lowers oneDNN's op only with its own packed weights, and picks its own kernels)."""
+    return ONEDNN_LINEAR is not None and cpu_fp32(*tensors) and not torch.compiler.is_compiling()
+
+
+def cpu_linear(x_BI: Tensor, W_OI: Tensor, bias_O: Tensor | None) -> Tensor:
+    """x Wᵀ + bias [B, O] by oneDNN's fp32 matmul (ONEDNN_LINEAR), with autograd when an operand wants
+    it: its backward's two products are oneDNN's too, on transposed views (no copies: 16 vs MKL's 29 ms
+    for W's gradient at the study shape). Callers check use_onednn first."""
+    if not torch.is_grad_enabled():
+        return ONEDNN_LINEAR(x_BI, W_OI, bias_O, "none", [], "")
+    return CPULinear.apply(x_BI, W_OI, bias_O)
+
+
+class CPULinear(torch.autograd.Function):
+    """cpu_linear with its gradients: ∂x = g W, ∂W = gᵀ x, ∂bias = Σ_b g (each product by oneDNN)."""
+
+    @staticmethod
+    def forward(ctx, x_BI: Tensor, W_OI: Tensor, bias_O: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x_BI, W_OI)
+        ctx.has_bias = bias_O is not None
+        return ONEDNN_LINEAR(x_BI, W_OI, bias_O, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad_BO: Tensor):
+        x_BI, W_OI = ctx.saved_tensors
+        grad_x = grad_W = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ONEDNN_LINEAR(grad_BO, W_OI.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            grad_W = ONEDNN_LINEAR(grad_BO.t(), x_BI.t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_BO.sum(0)
+        return grad_x, grad_W, grad_bias

@@ -5,11 +5,12 @@ from functools import partial
 import pytest
 import torch
 
+from sae.device import cpu_linear
 from sae.errors import UserError
 from sae.train.config import SAESpec, TrainConfig
 from sae.train.gate import Gate
 from sae.train.inputs import InputSetup
-from sae.train.sae import SparseAutoencoder, cpu_linear, normalize_input
+from sae.train.sae import SparseAutoencoder, normalize_input
 from sae.train.sparse import (
     decode_dense,
     decode_sparse,

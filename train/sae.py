@@ -15,7 +15,7 @@ storage, W_enc_MD: see its comment.
 import torch
 from torch import Tensor, nn
 
-from sae.device import ONEDNN_LINEAR, cpu_fp32
+from sae.device import cpu_linear, use_onednn
 from sae.train.archs import ARCHITECTURES, SAEOutput
 from sae.train.config import SAESpec, TrainConfig
 from sae.train.gate import Gate
@@ -225,43 +225,6 @@ def encoder_product(bias_M: Tensor, x_BD: Tensor, W_MD: Tensor, out: Tensor | No
     if use_onednn(x_BD, W_MD, bias_M):
         return cpu_linear(x_BD, W_MD, bias_M)
     return torch.addmm(bias_M, x_BD, W_MD.t(), out=out)
-
-
-def use_onednn(*tensors: Tensor) -> bool:
-    """oneDNN's matmul for these operands: a CPU torch with oneDNN, float32, and not under torch.compile
-    (Inductor lowers oneDNN's op only with its own packed weights, and picks its own kernels)."""
-    return ONEDNN_LINEAR is not None and cpu_fp32(*tensors) and not torch.compiler.is_compiling()
-
-
-def cpu_linear(x_BI: Tensor, W_OI: Tensor, bias_O: Tensor | None) -> Tensor:
-    """x Wᵀ + bias [B, O] by oneDNN's fp32 matmul (sae.device.ONEDNN_LINEAR: 2.2× MKL's sgemm at the
-    demo shapes on AMD), with autograd when an operand wants it: its backward's two products are
-    oneDNN's too, on transposed views (no copies: 16 vs MKL's 29 ms for W's gradient at the study shape)."""
-    if not torch.is_grad_enabled():
-        return ONEDNN_LINEAR(x_BI, W_OI, bias_O, "none", [], "")
-    return CPULinear.apply(x_BI, W_OI, bias_O)
-
-
-class CPULinear(torch.autograd.Function):
-    """cpu_linear with its gradients: ∂x = g W, ∂W = gᵀ x, ∂bias = Σ_b g (each product by oneDNN)."""
-
-    @staticmethod
-    def forward(ctx, x_BI: Tensor, W_OI: Tensor, bias_O: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x_BI, W_OI)
-        ctx.has_bias = bias_O is not None
-        return ONEDNN_LINEAR(x_BI, W_OI, bias_O, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad_BO: Tensor):
-        x_BI, W_OI = ctx.saved_tensors
-        grad_x = grad_W = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ONEDNN_LINEAR(grad_BO, W_OI.t(), None, "none", [], "")
-        if ctx.needs_input_grad[1]:
-            grad_W = ONEDNN_LINEAR(grad_BO.t(), x_BI.t(), None, "none", [], "")
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_BO.sum(0)
-        return grad_x, grad_W, grad_bias
 
 
 class MeanSquaredError(torch.autograd.Function):
