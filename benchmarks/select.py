@@ -181,7 +181,7 @@ def measure(quick: bool = False, steps: int = 2, repeats: int = 3, tiny: bool = 
 
 
 def report(r: dict) -> None:
-    print(f"BatchTopK selection on {r['device']}, threads {r['threads']}, SAE_BATCHTOPK_SELECT={r['select_env']}")
+    print(f"BatchTopK selection on {r['device']}, threads {r['threads']}, SAE_SELECT={r['select_env']}")
     print(f"load average before the run {r['load_average']:.2f} (other processes skew CPU timings)")
     for s in r["shapes"]:
         ms, tok = s["select_ms"], s["step_tok_s"]

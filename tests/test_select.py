@@ -1,5 +1,6 @@
-"""BatchTopK's selection paths keep exactly the same entries, ties and zeros included; AuxK's dead-column
-selection and the kept-entry encoder gradient equal their dense references."""
+"""BatchTopK's selection paths keep exactly the same entries, ties and zeros included; TopK's threshold
+path keeps each row's k largest as torch's top-k does; AuxK's dead-column selection and the kept-entry
+encoder gradient equal their dense references."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sae.train.sparse import (
     select_batchtopk_threshold,
     select_dead,
     select_topk,
+    topk_rows_threshold,
 )
 from tests.synthetic import planted_acts
 
@@ -125,6 +127,59 @@ def test_topk_of_the_whole_row_is_every_entry():
     every, top = select_topk(pre_BM, 96), pre_BM.topk(96, dim=1)
     assert torch.equal(every.rows_N * 96 + every.cols_N, torch.arange(8 * 96))
     assert torch.equal(every.acts_N.view(8, 96).sort(1).values, top.values.sort(1).values)
+
+
+def check_topk(pre_BM: torch.Tensor, k: int, monkeypatch) -> list:
+    """Both TopK paths keep, in each row, k distinct columns whose values are the row's k largest (the
+    multiset torch's top-k gives: among ties at the k-th value either may keep any); returns both."""
+    B, M = pre_BM.shape
+    expected_BK = pre_BM.topk(k, dim=1).values.sort(1).values
+    kept = []
+    for path in ("threshold", "plain"):
+        monkeypatch.setattr(sparse_module, "SELECT_PATH", path)
+        active = select_topk(pre_BM, k)
+        cols_BK = active.cols_N.view(B, k)
+        assert torch.equal(active.rows_N, torch.arange(B).repeat_interleave(k))
+        assert torch.equal(active.offsets_B, torch.arange(0, B * k, k))
+        assert (cols_BK.sort(1).values.diff(dim=1) > 0).all(), path  # distinct columns in each row
+        exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+        torch.testing.assert_close(active.acts_N, pre_BM[active.rows_N, active.cols_N], **exact)
+        torch.testing.assert_close(active.acts_N.view(B, k).sort(1).values, expected_BK, **exact)
+        kept.append(active)
+    return kept
+
+
+@pytest.mark.parametrize("B, M, k", [(64, 4096, 8), (48, 2304, 32), (40, 1000, 5), (256, 1024, 1), (8, 96, 4)])
+def test_topk_threshold_path_keeps_the_rows_k_largest_on_real_like_pre_activations(B, M, k, monkeypatch):
+    """Continuous values, no tie: the same columns as torch's top-k, from the threshold path itself (it
+    did not step aside), m not a multiple of the groups' count included."""
+    pre_BM = sae_pre_acts(B, M)
+    threshold, plain = check_topk(pre_BM, k, monkeypatch)
+    same = torch.equal(threshold.cols_N.view(B, k).sort(1).values, plain.cols_N.view(B, k).sort(1).values)
+    assert same
+    assert (topk_rows_threshold(pre_BM, k) is not None) == (M // max(2 * k, 32) >= 2)
+
+
+@pytest.mark.parametrize("name", list(adversarial()) + ["a NaN"])
+@pytest.mark.parametrize("k", [1, 8, 64])
+def test_topk_threshold_path_keeps_the_rows_k_largest_on_adversarial_inputs(name, k, monkeypatch):
+    pre_BM = adversarial()["one massive row"].clone() if name == "a NaN" else adversarial()[name]
+    if name == "a NaN":
+        pre_BM[3, 17] = float("nan")  # fewer than k survivors in that row: the plain top-k serves
+        assert topk_rows_threshold(pre_BM, k) is None
+    check_topk(pre_BM, k, monkeypatch)
+
+
+def test_topk_paths_pass_the_same_gradient_to_the_kept_entries(monkeypatch):
+    pre_BM = sae_pre_acts(48, 2304).requires_grad_()
+    W_dec_MD = torch.randn(2304, 16)
+    grads = []
+    for path in ("threshold", "plain"):
+        monkeypatch.setattr(sparse_module, "SELECT_PATH", path)
+        recon_BD = decode_sparse(select_topk(pre_BM, 8), W_dec_MD)
+        grads.append(torch.autograd.grad((recon_BD.sin() * torch.linspace(-1, 1, 16)).sum(), pre_BM)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)  # the decode sums a row in another order
+    assert (grads[0] != 0).sum() == 48 * 8
 
 
 @pytest.mark.parametrize("N, offset", [(4096 * 8, 0), (1001, 0), (7, 0), (0, 0), (4096, 3), (4096, 8)])
