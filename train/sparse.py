@@ -174,12 +174,14 @@ def select_batchtopk_threshold(pre_BM: Tensor, k: int) -> Active:
     cand_values_N = pre_BM.flatten().index_select(0, cand_N)  # with pre_BM's gradient, if it has one
     if len(cand_N) == n:
         return _active(pre_BM, cand_N, cand_values_N)
-    top = cand_values_N.detach().topk(n + 1, sorted=False)
-    (w, v), (w_at, _) = top.values.topk(2, largest=False)  # the (n+1)-th and the n-th largest
-    if w < v:  # the top n: the top n + 1 but the smallest, back in flat order by a mask (no sort)
-        kept_C = torch.zeros(len(cand_N), dtype=torch.bool, device=cand_N.device)
-        kept_C[top.indices] = True
-        kept_C[top.indices[w_at]] = False
+    # the C − n + 1 smallest survivors rather than the n + 1 largest (C ≈ 1.3·n: 1.3 against 2.0 ms
+    # at the demo shape): the n-th largest is their largest, the (n+1)-th their second
+    low = cand_values_N.detach().topk(len(cand_N) - n + 1, largest=False, sorted=False)
+    (v, w), (v_at, _) = low.values.topk(2)
+    if w < v:  # the top n: all but the C − n smallest, back in flat order by a mask (no sort)
+        kept_C = torch.ones(len(cand_N), dtype=torch.bool, device=cand_N.device)
+        kept_C[low.indices] = False
+        kept_C[low.indices[v_at]] = True
     else:  # a tie across the boundary: the tie rule decides
         kept_C = _keep_first(cand_values_N.detach(), v, n)
     return _active(pre_BM, cand_N.masked_select(kept_C), cand_values_N.masked_select(kept_C))
