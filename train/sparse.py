@@ -253,7 +253,8 @@ def decode_sparse(active: Active, W_dec_MD: Tensor, tangent: bool = False) -> Te
 
 def sum_by_column(order: ColumnOrder, rows_N: Tensor, src_BD: Tensor, weights_N: Tensor) -> Tensor:
     """[M, D]: Σ_n weights_n · src[rows_n] over the entries n of each column, one embedding_bag over the
-    entries in column order."""
+    entries in column order. rows_N is each call's own: Matryoshka's decode gathers its gradient by
+    (row, group) bag, the encoder's by row."""
     return F.embedding_bag(rows_N[order.perm_N], src_BD, order.starts_M, mode="sum",
                            per_sample_weights=weights_N[order.perm_N])  # fmt: skip
 
