@@ -45,6 +45,8 @@ def run_training(cfg: TrainConfig, cache: "str | Path | Cache", resume: bool = F
     world, rank = start_ranks(cfg)
     device = resolve_device(cfg.device)
     configure_backend(device, cfg.precision)
+    if cfg.compile and device.type == "cpu" and rank == 0:
+        console.print("note: --compile on the CPU ran at half eager's speed in our measurements (sae train --help)")
     follower = None
     if not isinstance(cache, Cache):
         if cfg.harvest_order:
