@@ -1,5 +1,6 @@
 """Harvest writes exactly what the model computes, resumes exactly, and extends exactly."""
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from sae.cache.store import open_cache
 from sae.harvest.config import HarvestConfig
 from sae.harvest.harvest import harvest
-from sae.harvest.model import OneDNNLinear, load_model
+from sae.harvest.model import OneDNNConv1D, OneDNNLinear, load_model
 
 
 def small_config(model, dataset, cache_dir, **overrides) -> HarvestConfig:
@@ -142,18 +143,24 @@ def test_hub_streaming_path_resumes_exactly(monkeypatch, tiny_gpt2, sample_parqu
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
-def test_the_loaded_models_linears_compute_by_onednn_as_the_plain_ones(tiny_llama):
-    """load_model swaps every float32 nn.Linear on the CPU to oneDNN's matmul: the logits equal the
-    plain model's to float32 rounding; with autograd on, the plain forward runs (to the bit)."""
-    loaded = load_model(str(tiny_llama), "float32", "cpu")
-    plain = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    linears = [mod for mod in loaded.model.modules() if isinstance(mod, torch.nn.Linear)]
-    assert len(linears) == 3 * 7 + 1 and all(type(mod) is OneDNNLinear for mod in linears)  # q k v o gate up down; head
+@pytest.mark.parametrize(
+    "name, swapped", [("tiny_llama", {OneDNNLinear: 3 * 7 + 1}), ("tiny_gpt2", {OneDNNConv1D: 3 * 4, OneDNNLinear: 1})]
+)
+def test_the_loaded_models_linears_compute_by_onednn_as_the_plain_ones(name, swapped, request):
+    """load_model swaps every float32 nn.Linear (Llama: q k v o gate up down, 3 layers; the head) and
+    GPT-2 Conv1D (c_attn, attention and MLP c_proj, c_fc) on the CPU to oneDNN's matmul: the logits equal
+    the plain model's to float32 rounding; with autograd on, the plain forward runs (to the bit)."""
+    path = request.getfixturevalue(name)
+    loaded = load_model(str(path), "float32", "cpu")
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    found = Counter(type(mod) for mod in loaded.model.modules() if type(mod) in (OneDNNLinear, OneDNNConv1D))
+    assert found == swapped
+    assert not any(type(mod).__name__ in ("Linear", "Conv1D") for mod in loaded.model.modules())  # none left
     tokens = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), torch.profiler.profile() as prof:
         ours, theirs = loaded.model(tokens).logits, plain(tokens).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     calls = {e.key: e.count for e in prof.key_averages()}
-    assert calls["mkldnn::_linear_pointwise"] == len(linears)  # ours ran oneDNN's, once for each linear
+    assert calls["mkldnn::_linear_pointwise"] == sum(swapped.values())  # ours ran oneDNN's, once for each
     with torch.enable_grad():
         assert torch.equal(loaded.model(tokens).logits, plain(tokens).logits)
