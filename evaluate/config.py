@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 from sae.config import check_gate_norm, setting, validate
 from sae.errors import UserError
-from sae.harvest.model import SITES
+from sae.train.rundir import RunSource
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RunSource):
     tokens: int = setting(16_384, positive=True)
     """Evaluation tokens (whole contexts: rounded down to a multiple of the cache's ctx_len, or of an
     imported SAE's context size where it has no cache)."""
@@ -51,20 +51,6 @@ class EvalConfig:
     """Seed of the absorption words, their in-context examples and the probes."""
     dense_threshold: float = 0.1
     """A latent active on more than this fraction of evaluation tokens counts as dense."""
-    cache: str | None = None
-    """The training cache (a path or URL), or a folder of caches holding it; None: the one recorded in
-    the run's cfg.json. Give it if the cache moved. For another library's SAE: a cache of its model's
-    residual stream at its site, or a folder to look in; None: the cache root ($SAE_CACHE_DIR, else
-    ./caches)."""
-    model: str | None = None
-    """The model of another library's SAE (HF hub id, local model directory or `smollm2-135m`); None:
-    the one its files name. Our runs are always evaluated on their cache's."""
-    site: str | None = setting(None, choices=SITES)
-    """The site of another library's SAE (resid_pre or resid_post); None: the one its files name."""
-    layer: int | None = setting(None, at_least=0)
-    """The layer of another library's SAE; None: the one its files name."""
-    device: str = "auto"
-    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
 
     def __post_init__(self) -> None:
         validate(self)

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from sae.cache.codecs import STORAGE_DTYPES, compressors
-from sae.config import setting, validate
+from sae.config import StageConfig, setting, validate
 from sae.errors import UserError
 from sae.harvest.model import MODEL_DTYPES, SITES
 
@@ -11,7 +11,7 @@ PACKINGS = ("bos_per_doc", "bos_per_context")
 
 
 @dataclass
-class HarvestConfig:
+class HarvestConfig(StageConfig):
     model: str = "smollm2-135m"
     """HF hub id, local model directory, or the embedded alias `smollm2-135m`."""
     layers: tuple[int, ...] = setting((6,), aliases=("--layer",))
@@ -48,8 +48,6 @@ class HarvestConfig:
     """Compression of activation chunks (see benchmarks/harvest.py for the measurement behind the default)."""
     chunk_contexts: int = setting(128, positive=True)
     """Contexts per stored chunk (128 contexts of 128 tokens at d=768 in float16 = 24 MiB)."""
-    device: str = "auto"
-    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
     cache_dir: str | None = None
     """Root of all caches, a local path or an object-store URL (s3://bucket/prefix); None:
     $SAE_CACHE_DIR, else ./caches."""

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from sae.config import setting, validate
 from sae.errors import UserError
-from sae.harvest.model import SITES
+from sae.train.rundir import RunSource
 
 
 @dataclass
-class InspectConfig:
+class InspectConfig(RunSource):
     tokens: int | None = setting(None, positive=True)
     """Read the cache's first N rows (rounded down to whole contexts) instead of the run's held-out chunks
     (for another library's SAE: the cache's last chunk)."""
@@ -44,19 +44,6 @@ class InspectConfig:
     are shown as ids and there are no token effects (a model that is not at hand, a synthetic cache)."""
     seed: int = 0
     """Seed of the per-latent samples."""
-    cache: str | None = None
-    """The training cache (a path or URL), or a folder of caches holding it; None: the one recorded in
-    the run's cfg.json. Give it if the cache moved. For another library's SAE: a cache of its model's
-    residual stream at its site, or a folder to look in; None: the cache root ($SAE_CACHE_DIR, else
-    ./caches)."""
-    model: str | None = None
-    """The model of another library's SAE (as its caches name it); None: the one its files name."""
-    site: str | None = setting(None, choices=SITES)
-    """The site of another library's SAE (resid_pre or resid_post); None: the one its files name."""
-    layer: int | None = setting(None, at_least=0)
-    """The layer of another library's SAE; None: the one its files name."""
-    device: str = "auto"
-    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
 
     def __post_init__(self) -> None:
         validate(self)

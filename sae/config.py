@@ -42,6 +42,24 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+@dataclasses.dataclass
+class StageConfig:
+    """What every stage's config dataclass has (each extends this one): where it computes."""
+
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
+
+
+def stage_fields(cls: type) -> list[dataclasses.Field]:
+    """cls's fields, those a class declares before those it inherits (StageConfig's last): the order
+    of its help."""
+    declared_at = {}
+    for depth, klass in enumerate(cls.__mro__):  # cls first: the farthest base that has a field declared it
+        for field in dataclasses.fields(klass) if dataclasses.is_dataclass(klass) else ():
+            declared_at[field.name] = depth
+    return sorted(dataclasses.fields(cls), key=lambda field: declared_at[field.name])
+
+
 def validate(config: Any) -> None:
     """The declared checks of every field (choices and bounds, on each item of a tuple); None passes."""
     for field in dataclasses.fields(config):
@@ -59,13 +77,17 @@ def validate(config: Any) -> None:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """{field: its docstring} from the class source: the string under each annotated assignment."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    """{field: its docstring} from the source of cls and of the dataclasses it extends: the string
+    under each annotated assignment."""
     docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-        if isinstance(node, ast.AnnAssign) and is_doc and isinstance(after.value.value, str):
-            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:], strict=False):
+            is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and is_doc and isinstance(after.value.value, str):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
     return docs
 
 
@@ -120,7 +142,7 @@ def parse_sets(items: list[str], stages: dict[str, type]) -> dict[str, dict[str,
         if not sep or not dot or not key:
             raise UserError(f"--set takes STAGE.KEY=VALUE (e.g. train.gate_bos=true), got '{item}'")
         check_keys({stage: None}, list(stages), "--set")
-        check_keys({key: None}, [f.name for f in dataclasses.fields(stages[stage])], f"--set {stage}.")
+        check_keys({key: None}, [f.name for f in stage_fields(stages[stage])], f"--set {stage}.")
         try:
             sets[stage][key] = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
@@ -156,7 +178,7 @@ def check_keys(table: dict[str, Any], valid: list[str], where: str) -> None:
 
 def build_config(cls: type[T], table: dict[str, Any], overrides: dict[str, Any], where: str) -> T:
     """cls filled from table (a pipeline.toml section), then from overrides whose value is not None."""
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in stage_fields(cls)]
     check_keys(table, names, where)
     values = {**table, **{k: v for k, v in overrides.items() if v is not None}}
     hints = typing.get_type_hints(cls)
@@ -209,4 +231,4 @@ def to_jsonable(config: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return {f.name: plain(getattr(config, f.name)) for f in stage_fields(type(config))}

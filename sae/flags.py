@@ -20,7 +20,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from sae.config import field_docs, optional_inner, tuple_item
+from sae.config import field_docs, optional_inner, stage_fields, tuple_item
 from sae.errors import UserError
 
 CONFIG = typer.Option(None, "--config", help="pipeline.toml to read (default: ./pipeline.toml if present).")
@@ -134,7 +134,7 @@ def settings_command(
     (or of `fields`), and `settings` holds each one's parsed value, None where the flag was not given.
     show_defaults=False: the command has defaults of its own (say them in its docstring); into: the
     name of the argument that gets them (decorators stack, each class's settings in its own)."""
-    chosen = [f for f in dataclasses.fields(cls) if fields is None or f.name in fields]
+    chosen = [f for f in stage_fields(cls) if fields is None or f.name in fields]
     hints = typing.get_type_hints(cls)
 
     def decorate(command: Callable) -> Callable:

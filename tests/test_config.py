@@ -46,7 +46,7 @@ def test_flags_override_the_file_and_values_are_coerced(tmp_path):
 
 
 def test_flag_parsers():
-    layers = dataclasses.fields(HarvestConfig)[1]
+    (layers,) = [f for f in dataclasses.fields(HarvestConfig) if f.name == "layers"]
     assert from_text("6,8,10", tuple[int, ...], "layers") == (6, 8, 10) and parse_count("2e8") == 200_000_000
     assert parse_count("1_000") == 1000 and parse_int("-3") == -3 and parse_int("1e9") == 10**9
     assert from_text("0.5,1", tuple[float, ...], "x") == (0.5, 1.0) and from_text(None, int, "x") is None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sae.config import check_choice, check_gate_norm, check_keys, setting, validate
+from sae.config import StageConfig, check_choice, check_gate_norm, check_keys, setting, validate
 from sae.errors import UserError
 from sae.train.archs import ARCHITECTURES
 
@@ -47,7 +47,7 @@ class SAESpec(NamedTuple):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(StageConfig):
     arch: tuple[str, ...] = setting(("batchtopk",), choices=ARCHS)
     """Architectures to train; several make a sweep."""
     k: tuple[int, ...] = (32,)
@@ -152,8 +152,6 @@ class TrainConfig:
     """Chunks shuffled together in the loader's buffer (32 × 128 contexts by default)."""
     loader_threads: int = setting(4, positive=True)
     """Background threads decoding chunks."""
-    device: str = "auto"
-    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
     precision: str = setting("tf32", choices=PRECISIONS)
     """Matmul precision on CUDA: fp32, tf32, or bf16 autocast (weights and thresholds stay fp32)."""
     decode: str = setting("auto", choices=DECODES)

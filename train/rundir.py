@@ -31,7 +31,9 @@ from safetensors.torch import save as safetensors_bytes
 from sae.cache.location import as_location
 from sae.cache.spec import file_sha256
 from sae.cache.store import Cache, default_cache_root, is_cache, list_caches, open_cache
+from sae.config import StageConfig, setting
 from sae.errors import UserError
+from sae.harvest.model import SITES
 from sae.progress import console
 from sae.train.config import SAESpec
 from sae.train.formats import Imported, dictionary_learning, read_json, saelens, sparsify
@@ -204,6 +206,25 @@ def _holds_sae(path: Path) -> bool:
     """The folder has the files of one of the formats (not looking further down)."""
     names = {p.name for p in path.iterdir()} if path.is_dir() else set()
     return {CFG, WEIGHTS} <= names or any(set(module.FILES) <= names for module in FORMATS.values())
+
+
+@dataclass
+class RunSource(StageConfig):
+    """Where an SAE's data is, when its run directory does not say (or says wrong): the settings of
+    `sae eval` and `sae inspect` that read_run takes."""
+
+    cache: str | None = None
+    """The training cache (a path or URL), or a folder of caches holding it; None: the one recorded in
+    the run's cfg.json. Give it if the cache moved. For another library's SAE: a cache of its model's
+    residual stream at its site, or a folder to look in; None: the cache root ($SAE_CACHE_DIR, else
+    ./caches)."""
+    model: str | None = None
+    """The model of another library's SAE (HF hub id, local model directory or `smollm2-135m`, as its
+    caches name it); None: the one its files name. Our runs always take their cache's."""
+    site: str | None = setting(None, choices=SITES)
+    """The site of another library's SAE (resid_pre or resid_post); None: the one its files name."""
+    layer: int | None = setting(None, at_least=0)
+    """The layer of another library's SAE; None: the one its files name."""
 
 
 def read_run(run_dir: str | Path, cache: str | Path | None = None, model: str | None = None,
