@@ -87,7 +87,7 @@ def topk_rows_threshold(pre_BM: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     each row's padded to the most any row has, then keeps k largest of the row: 17.3 -> 9.8 ms at
     B 4,096, m 2,304 (torch's CPU top-k of a row keeps a heap, ~4 ns an entry a thread). The passes
     over [B, m] run on all threads, the rest on one: beside a competing job, with every op on both
-    threads, the path's median was 1.6x the plain top-k's (60 vs 38 ms), so, 0.8x (29.5). CPU only, as
+    threads, the path's median was 1.6x the plain top-k's (60 vs 38 ms); this way 29.5. CPU only, as
     it reads the survivor counts on the host. None: groups of one column, fewer than k survivors in a
     row (a NaN), or a row with more than m/4 (ties at t_b): the plain top-k serves those."""
     B, M = pre_BM.shape
