@@ -192,7 +192,7 @@ class OneDNNLinear(nn.Linear):
 
 class OneDNNConv1D(nn.Module):
     """GPT-2's Conv1D (x W + b with W [in, out]) by oneDNN's matmul on W's transposed view where no
-    gradient is wanted (no copy: oneDNN reads the view as fast as a [out, in] weight), by addmm as
+    gradient is wanted (no copy; the view took 0.97-1.18x a contiguous copy's time), by addmm as
     Conv1D computes it otherwise. Over 4,096 tokens on two AMD Zen 5 cores: the attention's [768, 2,304]
     70.8 -> 33.7 ms, the MLP's [768, 3,072] 96 -> 45 and [3,072, 768] 92 -> 50, outputs within 1e-5."""
 
