@@ -97,7 +97,7 @@ def loaded(tiny_llama):
 
 
 def test_harvests_killed_at_random_instants_resume_to_the_same_bytes(loaded, sample_parquet, tmp_path, capsys):
-    cfg = dict(tokens=32 * 48, chunk_contexts=2, batch_contexts=2, dtype="int8")  # int8: its s_dim too
+    cfg = dict(tokens=32 * 48, chunk_contexts=1, batch_contexts=1, dtype="int8")  # int8: its s_dim too
     reference = contents(
         harvest(small_config(loaded.model.name_or_path, sample_parquet, tmp_path / "ref", **cfg), loaded)
     )
