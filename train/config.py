@@ -151,7 +151,7 @@ class TrainConfig(StageConfig):
     buffer_chunks: int = setting(32, positive=True)
     """Chunks shuffled together in the loader's buffer (32 × 128 contexts by default)."""
     loader_threads: int = setting(4, positive=True)
-    """Background threads decoding chunks."""
+    """Background threads reading (decompressing) chunks; batches are decoded one by one (train.loader)."""
     precision: str = setting("tf32", choices=PRECISIONS)
     """Matmul precision on CUDA: fp32, tf32, or bf16 autocast (weights and thresholds stay fp32)."""
     decode: str = setting("auto", choices=DECODES)
